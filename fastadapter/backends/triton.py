@@ -1,0 +1,69 @@
+"""The ``triton`` backend: the fused kernels of :mod:`fastadapter.kernels.adapter`.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests
+the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from . import Backend, register
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BOTTLENECK = 256
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _installed() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def status() -> Optional[str]:
+    reason = _installed()
+    if reason is None and not _interpret() and not torch.cuda.is_available():
+        reason = "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors through the Triton interpreter)"
+    return reason
+
+
+def check(device: torch.device, dtype: torch.dtype, r: int) -> Optional[str]:
+    reason = _installed()
+    if reason is not None:
+        return reason
+    if device.type == "cpu" and not _interpret():
+        return "CPU tensors run through Triton only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {device.type} tensors"
+    if dtype not in DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16 x, not {dtype}"
+    if r > MAX_BOTTLENECK:
+        return f"the Triton kernels take bottleneck sizes up to {MAX_BOTTLENECK}, got r={r}"
+    return None
+
+
+def _kernels():
+    from ..kernels import adapter
+
+    return adapter
+
+
+def forward(*args):
+    return _kernels().adapter_forward(*args)
+
+
+def backward(*args):
+    return _kernels().adapter_backward(*args)
+
+
+register(Backend("triton", forward, backward, check=check, status=status))

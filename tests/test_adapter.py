@@ -1,0 +1,174 @@
+"""The battery every backend runs: outputs and all five gradients against float64 math."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastadapter as fa
+from fastadapter.ops.adapter import adapter_backward, adapter_forward
+
+from .helpers import (
+    ACTIVATIONS,
+    BACKEND_DEVICES,
+    DTYPES,
+    check_against_float64,
+    make_inputs,
+    rel_err,
+    require,
+)
+
+RESIDUALS = ("x", "none", "tensor")
+
+
+def _residual(mode, x, seed=7):
+    if mode == "x":
+        return True
+    if mode == "none":
+        return False
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual,bias", list(itertools.product(RESIDUALS, (True, False))))
+def test_matches_float64(backend, device, dtype, activation, residual, bias):
+    require(backend, device, dtype)
+    n, d, r = (37, 100, 7) if device == "cpu" else (4099, 768, 64)
+    x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, device=device, bias=bias, seed=hash((activation, residual)) % 1000)
+    check_against_float64(backend, x, wd, bd, wu, bu, activation, scaling=0.75, residual=_residual(residual, x))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("activation", ("gelu", "silu"))
+def test_fp32_weights_half_x(backend, device, dtype, activation):
+    require(backend, device, dtype)
+    n, d, r = (33, 96, 12) if device == "cpu" else (2048, 1024, 32)
+    x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, wdtype=torch.float32, device=device, seed=3)
+    got = check_against_float64(backend, x, wd, bd, wu, bu, activation)
+    assert got[0].dtype == dtype and got[2].dtype == torch.float32
+
+
+SHAPES = [
+    # (lead shape, d, r, layout)
+    ((0,), 100, 7, "contiguous"),
+    ((1,), 100, 1, "contiguous"),
+    ((5,), 64, 1, "contiguous"),
+    ((19,), 33, 7, "contiguous"),
+    ((2, 9), 48, 16, "contiguous"),
+    ((2, 0, 3), 40, 5, "contiguous"),
+    ((3, 7), 100, 7, "transposed"),
+    ((21,), 100, 7, "strided"),
+    ((2, 11), 72, 24, "strided"),
+    ((70,), 130, 64, "contiguous"),
+    ((3,), 16, 200, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("lead,d,r,layout", SHAPES, ids=lambda v: str(v).replace(" ", ""))
+def test_odd_shapes_and_layouts(backend, device, lead, d, r, layout):
+    require(backend, device, torch.float32, r)
+    x, wd, bd, wu, bu = make_inputs(None, d, r, lead=lead, layout=layout, device=device, seed=11)
+    if layout != "contiguous":
+        assert not x.is_contiguous()
+    got = check_against_float64(backend, x, wd, bd, wu, bu, "gelu_tanh", scaling=1.5)
+    assert got[0].shape == x.shape
+    if x.numel() == 0:
+        for g in got[2:]:
+            assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("scaling", (0.0, -2.5, 4.0))
+def test_scaling(backend, device, scaling):
+    require(backend, device)
+    x, wd, bd, wu, bu = make_inputs(17, 40, 4, device=device, seed=5)
+    check_against_float64(backend, x, wd, bd, wu, bu, "relu", scaling=scaling, residual=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate(backend, device, dtype):
+    require(backend, device, dtype)
+    x, wd, bd, wu, bu = make_inputs(8, 24, 4, dtype, device=device, seed=2)
+    x[1, 3] = float("nan")
+    x[5, 0] = float("inf")
+    got = fa.fused_adapter(x, wd, bd, wu, bu, activation="gelu", backend=backend)
+    ref = fa.fused_adapter(x, wd, bd, wu, bu, activation="gelu", backend="reference")
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.isnan(got[1]).all()
+    assert not torch.isfinite(got[5]).all()
+    ok = torch.isfinite(ref)
+    assert torch.equal(ok, torch.isfinite(got))
+    assert rel_err(got[ok], ref[ok]) <= 2e-2
+    # clean rows stay finite
+    assert torch.isfinite(got[[0, 2, 3, 4, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("trainable", ["x", "weights", "biases", "up", "none_x_only_residual"])
+def test_only_needed_gradients(backend, device, trainable):
+    """Frozen weights / x without grad: the right subset of gradients, equal to the full ones."""
+    require(backend, device)
+    x, wd, bd, wu, bu = make_inputs(23, 40, 6, device=device, seed=9)
+    full = [t.clone().requires_grad_() for t in (x, wd, bd, wu, bu)]
+    y = fa.fused_adapter(*full, activation="silu", backend=backend)
+    dy = torch.randn_like(y)
+    want = torch.autograd.grad(y, full, dy)
+    flags = {
+        "x": (1, 0, 0, 0, 0),
+        "weights": (0, 1, 0, 1, 0),
+        "biases": (0, 0, 1, 0, 1),
+        "up": (0, 0, 0, 1, 1),
+        "none_x_only_residual": (0, 0, 0, 0, 0),
+    }[trainable]
+    ins = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, wd, bd, wu, bu), flags)]
+    res = torch.randn_like(x).requires_grad_() if trainable == "none_x_only_residual" else True
+    y = fa.fused_adapter(*ins, activation="silu", backend=backend, residual=res)
+    wrt = [t for t in ins if t.requires_grad] + ([res] if isinstance(res, torch.Tensor) else [])
+    got = torch.autograd.grad(y, wrt, dy)
+    expected = [w for w, f in zip(want, flags) if f]
+    if isinstance(res, torch.Tensor):
+        expected.append(dy)
+    for g, w in zip(got, expected):
+        assert rel_err(g, w) <= 1e-6
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_backward_op_computes_only_what_is_asked(backend, device):
+    require(backend, device)
+    x, wd, bd, wu, bu = make_inputs(12, 32, 4, device=device, seed=4)
+    y, z = adapter_forward(x, wd, bd, wu, bu, None, "gelu", 1.0, True, backend)
+    assert z.dtype == torch.float32 and z.shape == (12, 4)
+    dy = torch.randn_like(y)
+    for needs in itertools.product((False, True), repeat=5):
+        grads = adapter_backward(dy, x, z, wd, bd, wu, bu, "gelu", 1.0, True, list(needs), backend)
+        for need, g, like in zip(needs, grads, (x, wd, bd, wu, bu)):
+            assert g.shape == (like.shape if need else (0,))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_deterministic(backend, device):
+    require(backend, device)
+    x, wd, bd, wu, bu = make_inputs(300, 64, 8, device=device, seed=6)
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (x, wd, bd, wu, bu)]
+        y = fa.fused_adapter(*ins, activation="gelu", backend=backend)
+        runs.append([y, *torch.autograd.grad(y, ins, torch.ones_like(y))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_module_uses_backend(backend, device):
+    require(backend, device)
+    torch.manual_seed(0)
+    m = fa.FusedAdapter(48, 8, activation="gelu", backend=backend, device=device)
+    ref = fa.FusedAdapter.from_linear(m.down, m.up, activation="gelu", backend="reference")
+    x = torch.randn(2, 5, 48, device=device)
+    assert rel_err(m(x), ref(x)) <= 1e-5
