@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FASTADAPTER_AUTOTUNE=0: one configuration per kernel (tests compile many variants)
+AUTOTUNE = os.environ.get("FASTADAPTER_AUTOTUNE", "1") != "0"
 
 ACT_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
 RES_NONE, RES_X, RES_TENSOR = 0, 1, 2
@@ -91,8 +93,11 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 def _configs(pairs):
-    if INTERPRET:  # the interpreter cannot autotune: one configuration
+    """Autotuning candidates (BLOCK_M, BLOCK_K, num_warps, num_stages); the first is the default."""
+    if INTERPRET:  # the interpreter cannot autotune: one small configuration
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4)]
+    if not AUTOTUNE:
+        pairs = pairs[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in pairs]
 
 

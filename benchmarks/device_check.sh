@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one GPU check: the GPU-marked tests, then the benchmark sweep, table printed last.
+# Runs on a bare GPU machine that has torch, triton, pytest and pytest-benchmark
+# installed and no network, from a copy of the working tree:
+#     bash benchmarks/device_check.sh          # results in $OUT (default benchmarks/out)
+# Budget: tests <= 200 s, benchmarks <= 240 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+
+# fastadapter.kernels is the kernels/ folder: without an install, link it into the package.
+[ -e fastadapter/kernels ] || ln -s ../kernels fastadapter/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+python - <<'PY' | tee "$OUT/versions.txt"
+import platform, torch, triton
+print(f"date: {__import__('datetime').date.today()}")
+print(f"gpu: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
+print(f"python {platform.python_version()}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}")
+import fastadapter
+print("available_backends:", fastadapter.available_backends())
+PY
+
+echo "== GPU tests"
+FASTADAPTER_AUTOTUNE=0 timeout 200 python -m pytest -q -m gpu tests -p no:cacheprovider \
+    --junitxml="$OUT/gpu-tests.xml" -o addopts="" -rfE 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks"
+FASTADAPTER_BENCH=${FASTADAPTER_BENCH:-sweep} timeout 240 python -m pytest -q benchmarks -p no:cacheprovider \
+    --benchmark-json="$OUT/gpu.json" -o addopts="" 2>&1 | tail -15
+bench_rc=${PIPESTATUS[0]}
+
+echo "== results (tests rc=$tests_rc, benchmarks rc=$bench_rc)"
+cat "$OUT/versions.txt"
+python benchmarks/report.py "$OUT/gpu.json" | tee "$OUT/gpu.md"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,72 @@
+"""Turn a ``pytest benchmarks/ --benchmark-json=FILE`` result into a markdown table.
+
+    python benchmarks/report.py FILE [FILE ...]
+
+Per case: median time of each provider, speedup over eager and over torch.compile,
+and for GPU runs the achieved bandwidth (minimal bytes / median time) as a fraction
+of a device copy timed in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(data: dict):
+    copy_bw = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        copy = info["results"].get("copy")
+        if copy:
+            copy_bw[(info["N"], info["d"], info["r"])] = info["copy_bytes"] / copy["median_s"]
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        res = info["results"]
+        eager = res["eager"]["median_s"]
+        compiled = res.get("compile", {}).get("median_s")
+        bw_ref = copy_bw.get((info["N"], info["d"], info["r"]))
+        for name, r in res.items():
+            t = r["median_s"]
+            if name == "copy":
+                bw = info["copy_bytes"] / t
+            else:
+                bw = info["bytes"] / t
+            yield {
+                "case": f"N={info['N']} d={info['d']} r={info['r']} {info['dtype']} {info['activation']}",
+                "mode": "fwd" if info["mode"] == "fwd" else "fwd+bwd",
+                "provider": name,
+                "ms": t * 1e3,
+                "vs_eager": "" if name == "copy" else f"{eager / t:.2f}x",
+                "vs_compile": "" if name == "copy" or not compiled else f"{compiled / t:.2f}x",
+                "gbs": f"{bw / 1e9:.0f}",
+                "pct_copy": f"{100 * bw / bw_ref:.0f}%" if bw_ref else "",
+            }
+
+
+def table(paths) -> str:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        mi = data.get("machine_info", {})
+        cpu = mi.get("cpu", {}).get("brand_raw", "")
+        out.append(f"Machine: {mi.get('node', '?')} {cpu} ({data.get('datetime', '')[:10]})\n")
+        gpu = any(b["extra_info"]["device"] != "cpu" for b in data["benchmarks"])
+        head = "| case | mode | provider | median ms | vs eager | vs compile | GB/s |" + (" % of copy |" if gpu else "")
+        out.append(head)
+        out.append("|" + "---|" * (head.count("|") - 1))
+        for r in rows(data):
+            cells = (r["case"], r["mode"], r["provider"], f"{r['ms']:.3f}", r["vs_eager"], r["vs_compile"], r["gbs"])
+            line = "| " + " | ".join(cells) + " |"
+            if gpu:
+                line += f" {r['pct_copy']} |"
+            out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python benchmarks/report.py RESULT.json [...]")
+    print(table(sys.argv[1:]))
