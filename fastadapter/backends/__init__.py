@@ -119,4 +119,4 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int) -> str:
 
 
 # Importing the backend modules registers them, best first.
-from . import reference, triton  # noqa: E402,F401
+from . import cpp, reference, triton  # noqa: E402,F401

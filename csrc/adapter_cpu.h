@@ -1,0 +1,29 @@
+// CPU implementation of the fused adapter (adapter_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fastadapter {
+
+// Same order as fastadapter.activations.ACTIVATIONS.
+enum class Activation : int64_t { Relu = 0, Gelu = 1, GeluTanh = 2, Silu = 3, Tanh = 4, Identity = 5 };
+inline const char* const kActivationNames[] = {"relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"};
+
+// Returns {y [N, d] in x's dtype, z [N, r] fp32 (fp64 for double x)}.
+std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
+                                            const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                            const c10::optional<at::Tensor>& b_up,
+                                            const c10::optional<at::Tensor>& residual, int64_t activation,
+                                            double scaling, bool residual_is_x);
+
+// Returns {dx, dw_down, db_down, dw_up, db_up}; an undefined tensor where not needed.
+// Weight gradients are in the accumulation dtype; the caller casts them.
+std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z,
+                                             const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
+                                             const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
+                                             int64_t activation, double scaling, bool residual_is_x,
+                                             std::vector<bool> needs);
+
+}  // namespace fastadapter

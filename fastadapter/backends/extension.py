@@ -1,0 +1,97 @@
+"""Building and loading the C++/CUDA extension of ``csrc/``.
+
+Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a cache
+directory per torch version, Python version and CUDA-ness; torch's build lock makes
+concurrent builds by several processes safe. A prebuilt ``fastadapter._C`` (setup.py
+with FASTADAPTER_BUILD_EXT=1) is used when present. Machines without CUDA build only
+the CPU part. Any failure is kept as a reason string, never raised at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("fastadapter")
+
+CPU_SOURCES = ("binding.cpp", "adapter_cpu.cpp")
+CUDA_SOURCES = ("adapter_cuda.cu", "adapter_cuda_binding.cpp")
+
+
+def csrc_dir() -> Optional[Path]:
+    here = Path(__file__).resolve().parent.parent  # the fastadapter package
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "adapter_cpu.cpp").is_file():
+            return candidate
+    return None
+
+
+def want_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return (
+        torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and CUDA_HOME is not None
+        and os.environ.get("FASTADAPTER_NO_CUDA_EXT", "0") != "1"
+    )
+
+
+def build_dir(name: str) -> Path:
+    root = os.environ.get("FASTADAPTER_EXT_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastadapter"
+    )
+    tag = f"{name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}".replace("+", "_")
+    path = Path(root) / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def load() -> tuple[Optional[object], Optional[str]]:
+    """(module, None) when the extension is usable, else (None, the reason)."""
+    try:
+        module = importlib.import_module("fastadapter._C")
+        return module, None
+    except ImportError:
+        pass
+    src = csrc_dir()
+    if src is None:
+        return None, "the csrc/ sources are not installed with this package"
+    try:
+        from torch.utils.cpp_extension import load as jit_load
+
+        cuda = want_cuda()
+        name = "fastadapter_C_cuda" if cuda else "fastadapter_C"
+        sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+        # built on the machine that runs it: -march=native lets the epilogue loops use its vector width
+        flags = ["-O3", "-march=native"] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
+        logger.info("fastadapter: building the C++ extension %s (first use only)", name)
+        module = jit_load(
+            name=name,
+            sources=sources,
+            extra_cflags=flags,
+            extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir(name)),
+            with_cuda=cuda,
+            verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
+        )
+        return module, None
+    except Exception as exc:  # a missing compiler, a failed build, a torch/CUDA mismatch
+        return None, f"the C++ extension could not be built or loaded: {_summary(exc)}"
+
+
+def _summary(exc: Exception) -> str:
+    """The exception's first line and, for a failed build, the first compiler error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+    errors = [line for line in lines[1:] if "error" in line.lower()]
+    return head + (f" ... {errors[0][:300]}" if errors else "")
