@@ -1,0 +1,119 @@
+"""The C++/CUDA extension: CUDA sources compile, names agree across layers, and a broken
+toolchain falls back cleanly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastadapter.activations import ACTIVATIONS
+from fastadapter.backends import extension
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("nvcc is needed in CI to compile the CUDA sources")
+        pytest.skip("nvcc not found")
+    return path
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_cuda_source_compiles(source, arch, tmp_path):
+    """Compile only: nothing CUDA runs without a GPU, but a broken .cu never lands."""
+    cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", "-O3", f"-I{CSRC}", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_activation_ids_agree_across_layers():
+    from fastadapter.backends.cpp import ACT_INDEX
+
+    assert list(ACT_INDEX) == list(ACTIVATIONS)
+    text = (CSRC / "adapter_cpu.h").read_text()
+    names = text.split("kActivationNames[] = {")[1].split("}")[0]
+    assert [n.strip().strip('"') for n in names.split(",")] == list(ACTIVATIONS)
+    module, reason = extension.load()
+    if module is not None:
+        assert list(module.activation_names()) == list(ACTIVATIONS)
+    from fastadapter.kernels.adapter import ACT_IDS
+
+    assert ACT_IDS == {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+def test_cpp_builds_in_ci():
+    reason = extension.load()[1]
+    if reason is not None and os.environ.get("CI"):
+        pytest.fail(f"the C++ extension must build in CI: {reason}")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_broken_toolchain_falls_back_cleanly(tmp_path):
+    """No working compiler and no cached build: auto falls back to reference with one log
+    line naming the reason; an explicit backend='cpp' raises it."""
+    script = textwrap.dedent(
+        """
+        import json, logging, torch, fastadapter as fa
+        records = []
+        class H(logging.Handler):
+            def emit(self, rec): records.append(rec.getMessage())
+        logging.getLogger("fastadapter").addHandler(H())
+        x, w = torch.randn(4, 8), torch.randn(2, 8)
+        out = {"available": fa.available_backends()["cpp"]}
+        for _ in range(3):
+            y = fa.fused_adapter(x, w, None, w.t().contiguous(), None)
+        out["finite"] = bool(torch.isfinite(y).all())
+        out["logs"] = [m for m in records if "cpp" in m]
+        try:
+            fa.fused_adapter(x, w, None, w.t().contiguous(), None, backend="cpp")
+            out["explicit"] = None
+        except RuntimeError as e:
+            out["explicit"] = str(e)
+        print(json.dumps(out))
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), FASTADAPTER_EXT_DIR=str(tmp_path / "ext"))
+    env.pop("FASTADAPTER_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["available"] and "could not be built" in out["available"]
+    assert out["finite"]
+    assert len(out["logs"]) == 1 and "'reference'" in out["logs"][0] and "could not be built" in out["logs"][0]
+    assert out["explicit"] and "backend 'cpp' (from backend) cannot run on cpu" in out["explicit"]
+
+
+def test_concurrent_builds_share_one_cache(tmp_path):
+    """Two processes building into one empty cache directory at once both get a working module."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from fastadapter.backends import extension
+        m, reason = extension.load()
+        assert m is not None, reason
+        torch.manual_seed(0)
+        x = torch.randn(3, 8); w = torch.randn(2, 8)
+        y, z = m.adapter_forward_cpu(x, w, None, w.t().contiguous(), None, None, 0, 1.0, True)
+        print("ok", float(y.sum()))
+        """
+    )
+    env = dict(os.environ, FASTADAPTER_EXT_DIR=str(tmp_path / "ext"))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+        assert stdout.startswith("ok")
+    assert outs[0][0] == outs[1][0]
