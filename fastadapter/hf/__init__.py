@@ -1,0 +1,29 @@
+"""Hugging Face integration: adapters in BERT-family models."""
+
+from .adapterhub import load_adapterhub, save_adapterhub
+from .checkpoint import load_adapters, save_adapters
+from .config import AdapterConfig
+from .model import (
+    active_adapter,
+    adapter_configs,
+    adapter_state_dict,
+    add_adapters,
+    mark_only_adapters_trainable,
+    remove_adapter,
+    set_active_adapter,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "active_adapter",
+    "adapter_configs",
+    "adapter_state_dict",
+    "add_adapters",
+    "load_adapterhub",
+    "load_adapters",
+    "mark_only_adapters_trainable",
+    "remove_adapter",
+    "save_adapterhub",
+    "save_adapters",
+    "set_active_adapter",
+]

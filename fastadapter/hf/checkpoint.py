@@ -1,0 +1,97 @@
+"""Adapter-only checkpoints: the adapters' config as JSON and their weights as safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from torch import nn
+
+from .. import __version__
+from .config import AdapterConfig
+from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter
+
+CONFIG_FILE = "fastadapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+
+
+def _model_info(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "dim", None),
+    }
+
+
+def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> None:
+    """Write adapter ``name`` (or all adapters) of ``model`` to ``directory``; never the base model."""
+    from safetensors.torch import save_file
+
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model has no adapters to save")
+    names = [name] if name is not None else list(configs)
+    for n in names:
+        if n not in configs:
+            raise ValueError(f"no adapter named {n!r}; the model has: {', '.join(configs)}")
+    tensors = {}
+    for n in names:
+        tensors.update({k: v.contiguous().cpu() for k, v in adapter_state_dict(model, n).items()})
+    os.makedirs(directory, exist_ok=True)
+    meta = {
+        "format": "fastadapter",
+        "version": __version__,
+        **_model_info(model),
+        "adapters": {n: configs[n].to_dict() for n in names},
+    }
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
+
+
+def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> list[str]:
+    """Add the adapters saved in ``directory`` (all, or only ``name``) to ``model``.
+
+    The model must match the one they were saved from (model type and hidden size); on
+    any mismatch nothing is added. Returns the names loaded; the last one is active.
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != "fastadapter":
+        raise ValueError(f"{directory} is not a fastadapter checkpoint (format {meta.get('format')!r})")
+    info = _model_info(model)
+    for key in ("model_type", "hidden_size"):
+        if meta.get(key) is not None and info[key] is not None and meta[key] != info[key]:
+            raise ValueError(
+                f"adapters in {directory} were saved from a model with {key}={meta[key]!r}, this model has {info[key]!r}"
+            )
+    saved = meta["adapters"]
+    names = [name] if name is not None else list(saved)
+    for n in names:
+        if n not in saved:
+            raise ValueError(f"{directory} has no adapter {n!r}; it has: {', '.join(saved)}")
+        if n in adapter_configs(model):
+            raise ValueError(f"the model already has an adapter named {n!r}")
+    weights = load_file(os.path.join(directory, WEIGHTS_FILE))
+    added = []
+    try:
+        for n in names:
+            add_adapters(model, AdapterConfig.from_dict(saved[n]), n)
+            added.append(n)
+            own = adapter_state_dict(model, n)
+            theirs = {k: v for k, v in weights.items() if f"adapters.{n}." in k}
+            missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+            if missing or unexpected:
+                raise ValueError(f"adapter {n!r} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            for k, p in own.items():
+                if theirs[k].shape != p.shape:
+                    raise ValueError(f"adapter {n!r}: {k} has shape {tuple(theirs[k].shape)}, the model needs {tuple(p.shape)}")
+                p.copy_(theirs[k])
+    except Exception:
+        for n in added:
+            remove_adapter(model, n)
+        raise
+    return names

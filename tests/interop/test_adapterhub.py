@@ -1,0 +1,117 @@
+"""Both ways against the real AdapterHub ``adapters`` package (needs transformers 4.57.x).
+
+`make test` runs this file in a second virtual environment (.venv-hub) that has
+adapters 1.3.0; there FASTADAPTER_REQUIRE_ADAPTERHUB=1 turns a missing package into a
+failure instead of a skip.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastadapter as fa
+
+if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") == "1":
+    import adapters  # noqa: F401
+else:
+    adapters = pytest.importorskip("adapters")
+
+from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
+from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel  # noqa: E402
+
+CASES = {
+    "seq_bn": lambda: SeqBnConfig(reduction_factor=4),
+    "seq_bn_gelu_leave_out": lambda: SeqBnConfig(reduction_factor={"default": 4, "1": 8}, non_linearity="gelu", leave_out=[0]),
+    "double_seq_bn": lambda: DoubleSeqBnConfig(reduction_factor=6),
+    "double_seq_bn_scaled": lambda: DoubleSeqBnConfig(reduction_factor=8, scaling=0.5, non_linearity="tanh"),
+    "par_bn": lambda: ParBnConfig(reduction_factor=3),
+}
+ARCHS = {
+    "bert": (
+        BertModel,
+        lambda: BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, vocab_size=120),
+    ),
+    "distilbert": (DistilBertModel, lambda: DistilBertConfig(dim=48, n_layers=2, n_heads=2, hidden_dim=96, vocab_size=120)),
+}
+
+
+def _pair(arch):
+    """Two copies of one randomly initialized base model, in eval mode."""
+    cls, cfg = ARCHS[arch]
+    torch.manual_seed(0)
+    a = cls(cfg()).eval()
+    b = cls(cfg()).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _randomize(model, name):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if f"adapters.{name}." in pname:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+IDS = torch.randint(0, 120, (3, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapterhub_checkpoint_loads_with_equal_outputs(arch, case, tmp_path):
+    hub, ours = _pair(arch)
+    adapters.init(hub)
+    hub.add_adapter("task", config=CASES[case]())
+    _randomize(hub, "task")
+    hub.set_active_adapters("task")
+    want = _out(hub, IDS)
+    base = _out(ours, IDS)
+    assert (want - base).abs().max() > 1e-2  # the adapter does something
+    hub.save_adapter(str(tmp_path), "task")
+    name = fa.load_adapterhub(ours, str(tmp_path))
+    assert name == "task"
+    got = _out(ours, IDS)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
+def test_saved_for_adapterhub_loads_there_with_equal_outputs(arch, placement, tmp_path):
+    ours, hub = _pair(arch)
+    fa.add_adapters(ours, fa.AdapterConfig(placement=placement, reduction_factor=4, activation="gelu_new"), "mine")
+    _randomize(ours, "mine")
+    want = _out(ours, IDS)
+    fa.save_adapterhub(ours, str(tmp_path), "mine")
+    adapters.init(hub)
+    name = hub.load_adapter(str(tmp_path), set_active=True)
+    assert name == "mine"
+    got = _out(hub, IDS)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("use_gating", True),
+        ("ln_before", True),
+        ("ln_after", True),
+        ("phm_layer", True),
+        ("scaling", "learned"),
+        ("dropout", 0.1),
+    ],
+)
+def test_unmappable_features_are_named(field, value, tmp_path):
+    hub, ours = _pair("bert")
+    adapters.init(hub)
+    hub.add_adapter("x", config=SeqBnConfig(reduction_factor=4, **{field: value}))
+    hub.save_adapter(str(tmp_path), "x")
+    with pytest.raises(ValueError, match=field):
+        fa.load_adapterhub(ours, str(tmp_path))
+    assert not fa.adapter_configs(ours)
+    assert not any("adapters" in n for n, _ in ours.named_parameters())

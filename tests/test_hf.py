@@ -1,0 +1,272 @@
+"""Hugging Face integration on tiny random models of each supported architecture."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    GPT2Config,
+    GPT2Model,
+    RobertaConfig,
+    RobertaModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
+
+import fastadapter as fa
+
+SMALL = dict(num_hidden_layers=3, num_attention_heads=2, intermediate_size=96, vocab_size=120)
+ARCHS = {
+    "bert": lambda: BertModel(BertConfig(hidden_size=48, **SMALL)),
+    "roberta": lambda: RobertaModel(RobertaConfig(hidden_size=48, **SMALL)),
+    "xlm-roberta": lambda: XLMRobertaModel(XLMRobertaConfig(hidden_size=48, **SMALL)),
+    "electra": lambda: ElectraModel(ElectraConfig(hidden_size=48, embedding_size=32, **SMALL)),
+    "distilbert": lambda: DistilBertModel(DistilBertConfig(dim=48, n_layers=3, n_heads=2, hidden_dim=96, vocab_size=120)),
+}
+BERT_STYLE = ["bert", "roberta", "xlm-roberta", "electra"]
+IDS = torch.randint(5, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    return ARCHS[arch]().eval()
+
+
+def _out(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).last_hidden_state
+
+
+def _randomize(model, name, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if f"adapters.{name}." in pname:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("placement,sites_per_layer,b", [("pfeiffer", 1, 3), ("houlsby", 2, 3), ("parallel", 1, 24)])
+def test_expected_parameters(arch, placement, sites_per_layer, b):
+    model = _model(arch)
+    fa.add_adapters(model, fa.AdapterConfig(placement=placement), "t")
+    params = {n: p for n, p in model.named_parameters() if ".adapters.t." in n}
+    d = 48
+    assert len(params) == 4 * 3 * sites_per_layer
+    assert sum(p.numel() for p in params.values()) == 3 * sites_per_layer * (2 * d * b + b + d)
+    assert all(n.endswith(("down.weight", "down.bias", "up.weight", "up.bias")) for n in params)
+
+
+def _manual(model, name, placement, act, scaling):
+    """The placement formula written out on a BERT-style model with plain torch ops."""
+
+    def f(adapter, t):
+        return F.linear(act(F.linear(t, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)
+
+    def patch(module, kind):
+        adapter = module.adapters[name]
+
+        def forward(hidden_states, input_tensor):
+            h = module.dropout(module.dense(hidden_states))
+            ln = module.LayerNorm
+            if placement == "pfeiffer":
+                return ln(h + input_tensor + scaling * f(adapter, ln(h + input_tensor)))
+            if placement == "houlsby":
+                return ln(h + input_tensor + scaling * f(adapter, h))
+            return ln(h + input_tensor + scaling * f(adapter, input_tensor))
+
+        return forward
+
+    fa.set_active_adapter(model, None)
+    originals = []
+    for layer in model.encoder.layer:
+        for module, kind in ((layer.attention.output, "attention"), (layer.output, "output")):
+            if hasattr(module, "adapters") and name in module.adapters:
+                originals.append((module, module.forward))
+                module.forward = patch(module, kind)
+    try:
+        return _out(model)
+    finally:
+        for module, fwd in originals:
+            module.forward = fwd
+        fa.set_active_adapter(model, name)
+
+
+@pytest.mark.parametrize("arch", BERT_STYLE)
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
+def test_outputs_follow_the_placement_formula(arch, placement):
+    model = _model(arch)
+    config = fa.AdapterConfig(placement=placement, activation="gelu", scaling=0.7, reduction_factor=4)
+    fa.add_adapters(model, config, "t")
+    _randomize(model, "t")
+    got = _out(model)
+    want = _manual(model, "t", placement, F.gelu, 0.7)
+    assert (got - _out_base(arch)).abs().max() > 1e-2
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def _out_base(arch):
+    return _out(_model(arch))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_switching_and_no_active_adapter(arch):
+    model = _model(arch)
+    untouched = _out(model)
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4), "a")
+    fa.add_adapters(model, fa.AdapterConfig(placement="parallel", reduction_factor=4), "b")
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    assert fa.active_adapter(model) == "b"
+    out_b = _out(model)
+    fa.set_active_adapter(model, "a")
+    out_a = _out(model)
+    fa.set_active_adapter(model, None)
+    assert torch.equal(_out(model), untouched)
+    # each equals a model that only has that adapter
+    for name, out in (("a", out_a), ("b", out_b)):
+        single = _model(arch)
+        fa.add_adapters(single, fa.adapter_configs(model)[name], name)
+        single.load_state_dict(model.state_dict(), strict=False)
+        assert torch.equal(_out(single), out)
+    assert (out_a - out_b).abs().max() > 1e-2
+    fa.remove_adapter(model, "a")
+    assert fa.active_adapter(model) is None
+    assert not any(".adapters.a." in n for n, _ in model.named_parameters())
+    fa.set_active_adapter(model, "b")
+    assert torch.equal(_out(model), out_b)
+
+
+def test_leave_out_and_per_layer_reduction():
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", reduction_factor={"default": 4, 2: 16}, leave_out=[1]), "t")
+    layers = model.encoder.layer
+    assert layers[0].output.adapters["t"].bottleneck_size == 12
+    assert not hasattr(layers[1].output, "adapters") or "t" not in layers[1].output.adapters
+    assert layers[2].output.adapters["t"].bottleneck_size == 3
+
+
+def test_bad_calls_say_what_is_wrong():
+    with pytest.raises(ValueError, match="found no BERT-family transformer layers in GPT2Model: looked for"):
+        fa.add_adapters(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)), fa.AdapterConfig())
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(), "t")
+    with pytest.raises(ValueError, match="already has an adapter named 't'"):
+        fa.add_adapters(model, fa.AdapterConfig(), "t")
+    with pytest.raises(ValueError, match="leave_out names layers \\[7\\]"):
+        fa.add_adapters(model, fa.AdapterConfig(leave_out=[7]), "u")
+    assert list(fa.adapter_configs(model)) == ["t"]
+    with pytest.raises(ValueError, match="unknown placement 'serial'"):
+        fa.AdapterConfig(placement="serial")
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        fa.set_active_adapter(model, "zz")
+    with pytest.raises(ValueError, match="identifier"):
+        fa.add_adapters(model, fa.AdapterConfig(), "a.b")
+    assert fa.AdapterConfig(placement="double_seq_bn").activation == "silu"
+    assert fa.AdapterConfig(placement="par_bn").scaling == 4.0
+
+
+def test_mark_only_adapters_trainable_keeps_the_head():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=48, num_labels=3, **SMALL))
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby"), "t")
+    counts = fa.mark_only_adapters_trainable(model, train_head=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".adapters." in n or n.startswith("classifier.")}
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    assert counts["trainable"] == counts["adapters"] + head
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    counts = fa.mark_only_adapters_trainable(model, train_head=False)
+    assert counts["trainable"] == counts["adapters"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_adapter_checkpoint_round_trip(arch, tmp_path):
+    model = _model(arch)
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4, scaling=2.0), "a")
+    fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", bottleneck_size=5), "b")
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    want_b = _out(model)
+    fa.set_active_adapter(model, "a")
+    want_a = _out(model)
+    fa.save_adapters(model, str(tmp_path))
+    size = sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path))
+    assert size < 50_000  # adapters only, never the base model
+    fresh = _model(arch)
+    assert fa.load_adapters(fresh, str(tmp_path)) == ["a", "b"]
+    assert torch.equal(_out(fresh), want_b)
+    fa.set_active_adapter(fresh, "a")
+    assert torch.equal(_out(fresh), want_a)
+    only = _model(arch)
+    fa.load_adapters(only, str(tmp_path), name="a")
+    assert list(fa.adapter_configs(only)) == ["a"]
+
+
+def test_mismatched_checkpoint_loads_nothing(tmp_path):
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(), "a")
+    fa.save_adapters(model, str(tmp_path))
+    other = BertModel(BertConfig(hidden_size=64, **SMALL))
+    with pytest.raises(ValueError, match="hidden_size=48.*has 64"):
+        fa.load_adapters(other, str(tmp_path))
+    assert not fa.adapter_configs(other)
+    distil = _model("distilbert")
+    with pytest.raises(ValueError, match="model_type='bert'"):
+        fa.load_adapters(distil, str(tmp_path))
+    assert not any(".adapters." in n for n, _ in distil.named_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(hidden_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL))
+        fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4), "t")
+        _randomize(model, "t")
+        fa.mark_only_adapters_trainable(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=IDS).last_hidden_state.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_trains_only_the_adapters(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Toy(Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            ids = torch.randint(5, 120, (9,), generator=g)
+            return {"input_ids": ids, "labels": int(ids[0] % 2)}
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=48, num_labels=2, **SMALL))
+    fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", reduction_factor=4), "t")
+    fa.mark_only_adapters_trainable(model)
+    frozen = model.bert.embeddings.word_embeddings.weight.clone()
+    before = {n: p.clone() for n, p in model.named_parameters() if ".adapters." in n}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+    )  # fmt: skip
+    result = Trainer(model=model, args=args, train_dataset=Toy()).train()
+    assert result.global_step == 4
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
