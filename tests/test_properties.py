@@ -2,8 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # a test extra; absent on bare GPU machines
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from .helpers import ACTIVATIONS, check_against_float64, make_inputs, require
 

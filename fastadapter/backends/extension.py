@@ -10,9 +10,11 @@ the CPU part. Any failure is kept as a reason string, never raised at import.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,11 +46,23 @@ def want_cuda() -> bool:
     )
 
 
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags: the build uses -march=native, so a cache
+    directory shared between different CPUs must not hand one CPU's build to another."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
 def build_dir(name: str) -> Path:
     root = os.environ.get("FASTADAPTER_EXT_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastadapter"
     )
-    tag = f"{name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}".replace("+", "_")
+    tag = f"{name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}".replace("+", "_")
     path = Path(root) / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
