@@ -5,12 +5,12 @@
 // saved tensors, not GEMM work. On the 2-core development machine (fp32, N=4096, d=768,
 // r=64) whole-matrix GEMMs threaded by MKL ran the forward about 1.3x faster than
 // single-threaded per-tile GEMMs in parallel row tiles, so the products are whole-matrix
-// ATen GEMMs and every element-wise step is fused into one parallel pass over rows:
-//   forward:  z = x W_d^T + b_d (GEMM, bias in the GEMM); a = act(z); y = a W_u^T (GEMM);
-//             one pass  y = R + s * (y + b_u).
+// ATen GEMMs (MKL) with the element-wise work folded into them:
+//   forward:  z = x W_d^T + b_d (bias in the GEMM); a = act(z);
+//             y = R + s * b_u in one pass, then y += s * a W_u^T (the GEMM accumulates).
 //   backward: [dW_u | db_u] = s * dy^T [a | 1] (one GEMM: the ones column sums dy);
 //             da = dy W_u; dz = s * da * act'(z); db_d = sum(dz); dW_d = dz^T x;
-//             dx = dz W_d, then one pass dx += dy when the residual is x.
+//             dx = dy + dz W_d (dy copied, the GEMM accumulates).
 // For fp32 x nothing of size N x d is written besides y (forward) and dx (backward);
 // half-precision x is widened to fp32 first.
 //
@@ -21,17 +21,11 @@
 #include "adapter_cpu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace fastadapter {
 namespace {
-
-// Minimum rows per parallel task of the element-wise passes.
-constexpr int64_t kGrainRows = 64;
 
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -70,43 +64,6 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, Acti
   return grad;
 }
 
-// y = R + s * (y + b) over a [m, d] tile with unit column stride; R and b may be undefined.
-template <typename T>
-void epilogue_loop(T* y, int64_t ys, const T* res, int64_t rs, const T* b, T s, int64_t m, int64_t d) {
-  for (int64_t i = 0; i < m; ++i) {
-    T* yr = y + i * ys;
-    const T* rr = res ? res + i * rs : nullptr;
-    if (b && rr) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + s * (yr[j] + b[j]);
-    } else if (b) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = s * (yr[j] + b[j]);
-    } else if (rr) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + s * yr[j];
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = s * yr[j];
-    }
-  }
-}
-
-void epilogue(at::Tensor& y, const at::Tensor& res, const at::Tensor& b, double s) {
-  const bool res_ok = !res.defined() || res.stride(1) == 1;
-  if (y.stride(1) != 1 || !res_ok) {  // rare layouts: ATen ops
-    if (b.defined()) y.add_(b);
-    y.mul_(s);
-    if (res.defined()) y.add_(res);
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "fastadapter_epilogue", [&] {
-    epilogue_loop<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
-                            res.defined() ? res.stride(0) : 0, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                            static_cast<scalar_t>(s), y.size(0), y.size(1));
-  });
-}
-
 }  // namespace
 
 std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
@@ -135,14 +92,18 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   at::Tensor a = at::empty({n, r}, fopt);
   activation_out(a, z, act);
   if (widen) round_to(a, dt);
-  at::Tensor y = at::empty({n, d}, fopt);
-  at::mm_out(y, a, wu_t);
-
+  // y = R + s * b_up first (one pass), then the GEMM accumulates s * a @ W_up^T into it
   const at::Tensor res = residual_is_x ? xa : (residual ? residual->to(acc) : at::Tensor());
-  at::parallel_for(0, n, kGrainRows, [&](int64_t i0, int64_t i1) {
-    at::Tensor yt = y.narrow(0, i0, i1 - i0);
-    epilogue(yt, res.defined() ? res.narrow(0, i0, i1 - i0) : res, bu, scaling);
-  });
+  at::Tensor y = at::empty({n, d}, fopt);
+  if (res.defined()) {
+    if (bu.defined()) at::add_out(y, res, bu, scaling);
+    else y.copy_(res);
+    y.addmm_(a, wu_t, 1.0, scaling);
+  } else if (bu.defined()) {
+    at::addmm_out(y, bu, a, wu_t, scaling, scaling);
+  } else {
+    at::addmm_out(y, y, a, wu_t, 0.0, scaling);
+  }
   return {widen ? y.to(dt) : y, z};
 }
 
@@ -177,9 +138,10 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
       a.zero_();
     }
     a1.select(1, r).fill_(1);
-    at::Tensor out = at::mm(g.t(), need_dwu ? a1 : a1.narrow(1, r, 1)).mul_(scaling);  // [d, r + 1]
-    if (need_dwu) dwu = out.narrow(1, 0, r).contiguous();
-    if (need_dbu) dbu = out.select(1, out.size(1) - 1).contiguous();
+    // computed as [a | 1]^T dy ([r + 1, d]): MKL runs this orientation faster here
+    at::Tensor out = at::mm((need_dwu ? a1 : a1.narrow(1, r, 1)).t(), g).mul_(scaling);
+    if (need_dwu) dwu = out.narrow(0, 0, r).t().contiguous();
+    if (need_dbu) dbu = out.select(0, out.size(0) - 1).clone();  // a fresh tensor, not a view of out
   }
   if (need_dz) {
     at::Tensor da = at::mm(g, operand(w_up, dt, acc));  // [N, r]
@@ -188,12 +150,12 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     if (widen) round_to(dz, dt);
     if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);
     if (need_dx) {
-      dx = at::mm(dz, operand(w_down, dt, acc));
-      if (residual_is_x) {
-        at::parallel_for(0, n, kGrainRows, [&](int64_t i0, int64_t i1) {
-          at::Tensor t = dx.narrow(0, i0, i1 - i0);
-          epilogue(t, g.narrow(0, i0, i1 - i0), at::Tensor(), 1.0);
-        });
+      const at::Tensor wd = operand(w_down, dt, acc);
+      if (residual_is_x) {  // dx = dy + dz @ W_down, the add inside the GEMM
+        dx = g.clone(at::MemoryFormat::Contiguous);
+        dx.addmm_(dz, wd);
+      } else {
+        dx = at::mm(dz, wd);
       }
       if (widen) dx = dx.to(dt);
     }
