@@ -86,7 +86,8 @@ def test_minilm_train_step(benchmark):
     except ImportError:
         pass
     fns = {name: _step(build()) for name, build in builders.items()}
-    results = benchmark.pedantic(interleaved, args=(fns, "cpu", 7, 1), rounds=1, iterations=1)
+    rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15"))
+    results = benchmark.pedantic(interleaved, args=(fns, "cpu", rounds, 1), rounds=1, iterations=1)
     import transformers
 
     benchmark.extra_info.update(

@@ -36,7 +36,6 @@ AUTOTUNE = os.environ.get("FASTADAPTER_AUTOTUNE", "1") != "0"
 
 ACT_IDS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
 RES_NONE, RES_X, RES_TENSOR = 0, 1, 2
-MAX_BOTTLENECK = 256
 
 _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -92,6 +91,25 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _rows_times_weights(
+    A, rows, mask_m, stride_am, stride_ak, W, stride_wr, stride_wk, rr, mask_r, K,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc[m, j] = sum over k < K of A[rows[m], k] * W(j, k), in BLOCK_K chunks, fp32.
+
+    W(j, k) sits at W + j * stride_wr + k * stride_wk and is cast to A's dtype."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < K
+        a = tl.load(A + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(W + rr[None, :] * stride_wr + kk[:, None] * stride_wk, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        acc += _mma(a, w.to(a.dtype), PRECISION, UPCAST)
+    return acc
+
+
 def _configs(pairs):
     """Autotuning candidates (BLOCK_M, BLOCK_K, num_warps, num_stages); the first is the default."""
     if INTERPRET:  # the interpreter cannot autotune: one small configuration
@@ -131,13 +149,10 @@ def _adapter_fwd_kernel(
     mask_r = rr < R
     dtype = X.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < D
-        x = tl.load(X + rows[:, None] * stride_xm + kk[None, :] * stride_xd, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wd = tl.load(WD + rr[None, :] * stride_wdr + kk[:, None] * stride_wdd, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc += _mma(x, wd.to(dtype), PRECISION, UPCAST)
+    acc = _rows_times_weights(
+        X, rows, mask_m, stride_xm, stride_xd, WD, stride_wdr, stride_wdd, rr, mask_r, D,
+        PRECISION, UPCAST, BLOCK_M, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
     if HAS_BD:
         acc += tl.load(BD + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
     tl.store(Z + rows[:, None] * R + rr[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -176,17 +191,11 @@ def _adapter_bwd_dz_kernel(
     mask_m = rows < N
     rr = tl.arange(0, BLOCK_R)
     mask_r = rr < R
-    dtype = DY.dtype.element_ty
 
-    da = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < D
-        dy = tl.load(
-            DY + rows[:, None] * stride_dym + kk[None, :] * stride_dyd, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        wu = tl.load(WU + kk[:, None] * stride_wud + rr[None, :] * stride_wur, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        da += _mma(dy, wu.to(dtype), PRECISION, UPCAST)
+    da = _rows_times_weights(
+        DY, rows, mask_m, stride_dym, stride_dyd, WU, stride_wur, stride_wud, rr, mask_r, D,
+        PRECISION, UPCAST, BLOCK_M, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
     mask_mr = mask_m[:, None] & mask_r[None, :]
     z = tl.load(Z + rows[:, None] * R + rr[None, :], mask=mask_mr, other=0.0)
     dz = da * scaling * _act_grad(z, ACT)

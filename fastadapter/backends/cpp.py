@@ -37,22 +37,25 @@ def cpp_check(device: torch.device, dtype: torch.dtype, r: int) -> Optional[str]
     return cpp_status()
 
 
-def cpp_forward(x, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
-    y, z = _module().adapter_forward_cpu(
-        x, w_down, b_down, w_up, b_up, residual, ACT_INDEX[activation], float(scaling), bool(residual_is_x)
-    )
-    return y, z
+def _forward(suffix):
+    def forward(x, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
+        fn = getattr(_module(), f"adapter_forward_{suffix}")
+        y, z = fn(x, w_down, b_down, w_up, b_up, residual, ACT_INDEX[activation], float(scaling), bool(residual_is_x))
+        return y, z
+
+    return forward
 
 
-def cpp_backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs):
-    return tuple(
-        _module().adapter_backward_cpu(
-            dy, x, z, w_down, b_down, w_up, b_up, ACT_INDEX[activation], float(scaling), bool(residual_is_x), list(needs)
-        )
-    )
+def _backward(suffix):
+    def backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs):
+        fn = getattr(_module(), f"adapter_backward_{suffix}")
+        args = (ACT_INDEX[activation], float(scaling), bool(residual_is_x), list(needs))
+        return tuple(fn(dy, x, z, w_down, b_down, w_up, b_up, *args))
+
+    return backward
 
 
-register(Backend("cpp", cpp_forward, cpp_backward, check=cpp_check, status=cpp_status))
+register(Backend("cpp", _forward("cpu"), _backward("cpu"), check=cpp_check, status=cpp_status))
 
 
 # --------------------------------------------------------------------------- cuda
@@ -84,19 +87,4 @@ def cuda_check(device: torch.device, dtype: torch.dtype, r: int) -> Optional[str
     return cuda_status()
 
 
-def cuda_forward(x, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
-    y, z = _module().adapter_forward_cuda(
-        x, w_down, b_down, w_up, b_up, residual, ACT_INDEX[activation], float(scaling), bool(residual_is_x)
-    )
-    return y, z
-
-
-def cuda_backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs):
-    return tuple(
-        _module().adapter_backward_cuda(
-            dy, x, z, w_down, b_down, w_up, b_up, ACT_INDEX[activation], float(scaling), bool(residual_is_x), list(needs)
-        )
-    )
-
-
-register(Backend("cuda", cuda_forward, cuda_backward, check=cuda_check, status=cuda_status))
+register(Backend("cuda", _forward("cuda"), _backward("cuda"), check=cuda_check, status=cuda_status))

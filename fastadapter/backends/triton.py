@@ -16,7 +16,7 @@ import torch
 from . import Backend, register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_BOTTLENECK = 256
+MAX_BOTTLENECK = 256  # the kernels keep [BLOCK_M, next_pow2(r)] fp32 tiles in registers
 
 
 def _interpret() -> bool:
