@@ -270,3 +270,28 @@ def test_trainer_trains_only_the_adapters(tmp_path):
     assert result.global_step == 4
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, frozen)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_deepcopy_and_pickle_keep_adapters_apart(arch):
+    import copy
+    import pickle
+
+    model = _model(arch)
+    for placement in ("houlsby", "pfeiffer", "parallel"):
+        fa.add_adapters(model, fa.AdapterConfig(placement=placement, reduction_factor=4), placement)
+        _randomize(model, placement)
+    outs = {}
+    for placement in ("houlsby", "pfeiffer", "parallel"):
+        fa.set_active_adapter(model, placement)
+        outs[placement] = _out(model)
+    twin = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    for placement, want in outs.items():
+        fa.set_active_adapter(twin, placement)
+        fa.set_active_adapter(restored, placement)
+        assert torch.equal(_out(twin), want) and torch.equal(_out(restored), want)
+        _randomize(twin, placement, seed=99)  # the copy's own adapters, not the original's
+        fa.set_active_adapter(model, placement)
+        assert torch.equal(_out(model), want)
+        assert not torch.equal(_out(twin), want)

@@ -110,7 +110,7 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int) -> str:
         reason = backend.check(device, dtype, r)
         if reason is None:
             if skipped:
-                why = "; ".join(f"{n}: {r}" for n, r in skipped)
+                why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
                 _log_once(f"fastadapter: using backend {candidate!r} for {device.type} {dtype} ({why})")
             _RESOLVED[key] = candidate
             return candidate
@@ -118,5 +118,5 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int) -> str:
     raise RuntimeError(f"no fastadapter backend can run on {device} with {dtype}: {skipped}")
 
 
-# Importing the backend modules registers them, best first.
+# Importing the backend modules registers them (cpp also registers cuda).
 from . import cpp, reference, triton  # noqa: E402,F401

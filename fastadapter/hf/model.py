@@ -34,55 +34,63 @@ _CONFIGS = "_fastadapter_configs"  # model attribute: {name: AdapterConfig}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-def _placements(site: Site) -> dict:
-    return site.owner.__dict__.setdefault("_fastadapter_placement", {})
+# Hooks are module-level functions that find their state through the hooked module, so
+# copy.deepcopy and pickle of a model with adapters keep working (closures would tie a
+# copy to the original's adapters, and do not pickle).
+_OWNER = "_fastadapter_owner"  # plain attribute of a hooked module: the site's owner module
 
 
-def _active(site: Site, placement: str) -> Optional[FusedAdapter]:
-    name = site.owner.__dict__.get("_fastadapter_active")
-    if name is None or name not in _placements(site) or _placements(site)[name] != placement:
+def _placements(owner: nn.Module) -> dict:
+    return owner.__dict__.setdefault("_fastadapter_placement", {})
+
+
+def _active(owner: nn.Module, placement: str) -> Optional[FusedAdapter]:
+    name = owner.__dict__.get("_fastadapter_active")
+    if name is None or _placements(owner).get(name) != placement:
         return None
-    return site.owner.adapters[name]
+    return owner.adapters[name]
+
+
+def _houlsby_hook(module, args, output):  # on the module whose output is h
+    adapter = _active(module.__dict__[_OWNER], "houlsby")
+    return None if adapter is None else adapter(output)
+
+
+def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h + r
+    adapter = _active(module.__dict__[_OWNER], "pfeiffer")
+    if adapter is None:
+        return None
+    return F.layer_norm(adapter(output, residual=args[0]), module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _parallel_pre_hook(module, args, kwargs):  # BERT-style output module, called as (hidden_states, input_tensor)
+    adapter = _active(module, "parallel")
+    if adapter is None:
+        return None
+    if len(args) >= 2:
+        return (args[0], adapter(args[1]), *args[2:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["input_tensor"] = adapter(kwargs["input_tensor"])
+    return args, kwargs
+
+
+def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
+    adapter = _active(module, "parallel")
+    return None if adapter is None else adapter(args[0], residual=output)
 
 
 def _install_hooks(site: Site) -> None:
     if site.owner.__dict__.get("_fastadapter_hooked"):
         return
-
-    def houlsby(module, args, output):
-        adapter = _active(site, "houlsby")
-        return None if adapter is None else adapter(output)
-
-    def pfeiffer(module, args, output):
-        adapter = _active(site, "pfeiffer")
-        if adapter is None:
-            return None
-        t = args[0]
-        return F.layer_norm(adapter(output, residual=t), module.normalized_shape, module.weight, module.bias, module.eps)
-
-    site.h_module.register_forward_hook(houlsby)
+    site.h_module.__dict__[_OWNER] = site.owner
+    site.h_module.register_forward_hook(_houlsby_hook)
     if site.kind == "output":
-        site.layer_norm.register_forward_hook(pfeiffer)
+        site.layer_norm.__dict__[_OWNER] = site.owner
+        site.layer_norm.register_forward_hook(_pfeiffer_hook)
         if site.style == "bert":
-
-            def parallel_pre(module, args, kwargs):
-                adapter = _active(site, "parallel")
-                if adapter is None:
-                    return None
-                if len(args) >= 2:
-                    return (args[0], adapter(args[1]), *args[2:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["input_tensor"] = adapter(kwargs["input_tensor"])
-                return args, kwargs
-
-            site.owner.register_forward_pre_hook(parallel_pre, with_kwargs=True)
+            site.owner.register_forward_pre_hook(_parallel_pre_hook, with_kwargs=True)
         else:
-
-            def parallel_post(module, args, output):
-                adapter = _active(site, "parallel")
-                return None if adapter is None else adapter(args[0], residual=output)
-
-            site.owner.register_forward_hook(parallel_post)
+            site.owner.register_forward_hook(_parallel_hook)
     site.owner.__dict__["_fastadapter_hooked"] = True
 
 
@@ -133,7 +141,7 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name:
         if not isinstance(getattr(site.owner, "adapters", None), nn.ModuleDict):
             site.owner.adapters = nn.ModuleDict()
         site.owner.adapters[name] = adapter
-        _placements(site)[name] = config.placement
+        _placements(site.owner)[name] = config.placement
         _install_hooks(site)
     for site in sites:
         _install_hooks(site)
@@ -166,7 +174,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     for site in find_sites(model):
         if isinstance(getattr(site.owner, "adapters", None), nn.ModuleDict) and name in site.owner.adapters:
             del site.owner.adapters[name]
-            _placements(site).pop(name, None)
+            _placements(site.owner).pop(name, None)
     del configs[name]
 
 
