@@ -295,3 +295,15 @@ def test_deepcopy_and_pickle_keep_adapters_apart(arch):
         fa.set_active_adapter(model, placement)
         assert torch.equal(_out(model), want)
         assert not torch.equal(_out(twin), want)
+
+
+def test_compiled_model_with_adapters_has_no_graph_break():
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4), "t")
+    _randomize(model, "t")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=IDS)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    with torch.no_grad():
+        got = torch.compile(model)(input_ids=IDS).last_hidden_state
+    assert (got - _out(model)).abs().max().item() <= 1e-5
