@@ -307,3 +307,16 @@ def test_compiled_model_with_adapters_has_no_graph_break():
     with torch.no_grad():
         got = torch.compile(model)(input_ids=IDS).last_hidden_state
     assert (got - _out(model)).abs().max().item() <= 1e-5
+
+
+def test_bottleneck_sizes_follow_adapterhub():
+    config = fa.AdapterConfig(reduction_factor={"default": 16, "1": 5})
+    assert config.bottleneck_for(0, 384) == 24 and config.bottleneck_for(1, 384) == 76
+    assert fa.AdapterConfig(reduction_factor=1000).bottleneck_for(0, 48) == 1  # clamped to 1, as AdapterHub does
+    assert fa.AdapterConfig(bottleneck_size=7).bottleneck_for(3, 48) == 7
+    with pytest.raises(ValueError, match="reduction_factor or bottleneck_size, not both"):
+        fa.AdapterConfig(reduction_factor=4, bottleneck_size=7)
+    with pytest.raises(ValueError, match="reduction_factor must be a positive number"):
+        fa.AdapterConfig(reduction_factor=0)
+    restored = fa.AdapterConfig.from_dict(config.to_dict())
+    assert restored == config
