@@ -23,7 +23,7 @@ print("available_backends:", fastadapter.available_backends())
 PY
 
 echo "== GPU tests"
-FASTADAPTER_AUTOTUNE=0 timeout 200 python -m pytest -q -m gpu tests/test_adapter.py tests/test_op.py -p no:cacheprovider \
+FASTADAPTER_AUTOTUNE=0 timeout 200 python -m pytest -q -m gpu tests/test_adapter.py tests/test_op.py tests/test_hf.py -p no:cacheprovider \
     --junitxml="$OUT/gpu-tests.xml" -o addopts="" -rfEs 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

@@ -320,3 +320,28 @@ def test_bottleneck_sizes_follow_adapterhub():
         fa.AdapterConfig(reduction_factor=0)
     restored = fa.AdapterConfig.from_dict(config.to_dict())
     assert restored == config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_bert_on_gpu_matches_reference(backend):
+    """A bf16 BERT with adapters on CUDA: each GPU backend against the reference, and a training step."""
+    model = _model("bert").to("cuda", torch.bfloat16)
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4, backend=backend), "t")
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4, backend="reference"), "ref")
+    _randomize(model, "t")
+    same = {k.replace(".adapters.t.", ".adapters.ref."): v for k, v in model.state_dict().items() if ".adapters.t." in k}
+    model.load_state_dict(same, strict=False)
+    ids = IDS.to("cuda")
+    outs = {}
+    for name in ("t", "ref"):
+        fa.set_active_adapter(model, name)
+        with torch.no_grad():
+            outs[name] = model(input_ids=ids).last_hidden_state.float()
+    assert (outs["t"] - outs["ref"]).norm() <= 2e-2 * outs["ref"].norm()
+    fa.set_active_adapter(model, "t")
+    fa.mark_only_adapters_trainable(model)
+    model.train()
+    model(input_ids=ids).last_hidden_state.float().square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".adapters.t." in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
