@@ -18,7 +18,8 @@ Backward (about 4 passes over N x d):
      in a fixed order (deterministic).
 
 Numerics follow the reference backend: GEMM operands in x's dtype, fp32
-accumulation, IEEE fp32 dots unless PyTorch allows TF32.
+accumulation, IEEE fp32 dots unless PyTorch allows TF32. Offsets into N x d tensors
+are 64-bit, row and column alike (a transposed x has column stride N).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def _rows_times_weights(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < K
-        a = tl.load(A + rows[:, None] * stride_am + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        cols = kk[None, :].to(tl.int64)
+        a = tl.load(A + rows[:, None] * stride_am + cols * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(W + rr[None, :] * stride_wr + kk[:, None] * stride_wk, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
         acc += _mma(a, w.to(a.dtype), PRECISION, UPCAST)
     return acc
@@ -167,10 +169,11 @@ def _adapter_fwd_kernel(
         if HAS_BU:
             u += tl.load(BU + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         out = u * scaling
+        cols = kk[None, :].to(tl.int64)
         if RES == 1:
-            out += tl.load(X + rows[:, None] * stride_xm + kk[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            out += tl.load(X + rows[:, None] * stride_xm + cols * stride_xd, mask=mask, other=0.0).to(tl.float32)
         elif RES == 2:
-            out += tl.load(RES_PTR + rows[:, None] * stride_rm + kk[None, :] * stride_rd, mask=mask, other=0.0).to(tl.float32)
+            out += tl.load(RES_PTR + rows[:, None] * stride_rm + cols * stride_rd, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + rows[:, None] * D + kk[None, :], out.to(dtype), mask=mask)
 
 
@@ -238,7 +241,7 @@ def _adapter_bwd_kernel(
         mask_m = rows < N
         mask = mask_m[:, None] & mask_k[None, :]
         mask_mr = mask_m[:, None] & mask_r[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dym + kk[None, :] * stride_dyd, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dym + kk[None, :].to(tl.int64) * stride_dyd, mask=mask, other=0.0)
         if NEED_DX or NEED_DWD:
             dz = tl.load(DZ + rows[:, None] * R + rr[None, :], mask=mask_mr, other=0.0).to(dtype)
             if NEED_DX:
@@ -247,7 +250,7 @@ def _adapter_bwd_kernel(
                     dx += dy.to(tl.float32)
                 tl.store(DX + rows[:, None] * D + kk[None, :], dx.to(dtype), mask=mask)
             if NEED_DWD:
-                x = tl.load(X + rows[:, None] * stride_xm + kk[None, :] * stride_xd, mask=mask, other=0.0)
+                x = tl.load(X + rows[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xd, mask=mask, other=0.0)
                 acc_dwd += _mma(tl.trans(dz), x, PRECISION, UPCAST)
         if NEED_DWU:
             z = tl.load(Z + rows[:, None] * R + rr[None, :], mask=mask_mr, other=0.0)
