@@ -142,9 +142,7 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name:
             site.owner.adapters = nn.ModuleDict()
         site.owner.adapters[name] = adapter
         _placements(site.owner)[name] = config.placement
-        _install_hooks(site)
-    for site in sites:
-        _install_hooks(site)
+        _install_hooks(site)  # sites without an adapter need no hooks
     configs[name] = config
     set_active_adapter(model, name)
     return model
