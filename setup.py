@@ -8,6 +8,7 @@ extension is compiled on first use and cached (fastadapter/backends/extension.py
 """
 
 import os
+import sys
 
 from setuptools import setup
 
@@ -17,7 +18,9 @@ if os.environ.get("FASTADAPTER_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    sources = ["csrc/binding.cpp", "csrc/adapter_cpu.cpp"]
+    # at::parallel_for in an extension compiled without -fopenmp runs on one thread
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info() else []
+    sources = ["csrc/binding.cpp", "csrc/adapter_cpu.cpp", "csrc/cpu_residual_gemm.cpp"]
     defines = []
     if cuda:
         sources += ["csrc/adapter_cuda.cu", "csrc/adapter_cuda_binding.cpp"]
@@ -29,7 +32,8 @@ if os.environ.get("FASTADAPTER_BUILD_EXT", "0") == "1":
             "fastadapter._C",
             sources,
             include_dirs=[csrc],
-            extra_compile_args={"cxx": ["-O3", *defines], "nvcc": ["-O3", *defines]},
+            extra_compile_args={"cxx": ["-O3", *openmp, *defines], "nvcc": ["-O3", *defines]},
+            extra_link_args=openmp,
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

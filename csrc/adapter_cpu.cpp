@@ -2,15 +2,16 @@
 //
 // On CPUs the adapter's GEMMs are compute-bound (about r FLOP per byte is above a CPU's
 // ridge point), so what fusion can save here is the element-wise passes, allocations and
-// saved tensors, not GEMM work. On the 2-core development machine (fp32, N=4096, d=768,
-// r=64) whole-matrix GEMMs threaded by MKL ran the forward about 1.3x faster than
-// single-threaded per-tile GEMMs in parallel row tiles, so the products are whole-matrix
-// ATen GEMMs (MKL) with the element-wise work folded into them:
+// saved tensors, not GEMM work. The products with a reduction over d or over N are
+// whole-matrix ATen GEMMs (MKL); the two with a reduction over r, whose outputs are the
+// N x d tensors y and dx, run with their epilogue in one pass (cpu_residual_gemm.h):
 //   forward:  z = x W_d^T + b_d (bias in the GEMM); a = act(z);
-//             y = R + s * b_u in one pass, then y += s * a W_u^T (the GEMM accumulates).
+//             y = R + s * (a W_u^T + b_u) in one pass over y.
 //   backward: [dW_u | db_u] = s * dy^T [a | 1] (one GEMM: the ones column sums dy);
 //             da = dy W_u; dz = s * da * act'(z); db_d = sum(dz); dW_d = dz^T x;
-//             dx = dy + dz W_d (dy copied, the GEMM accumulates).
+//             dx = dy + dz W_d in one pass over dx.
+// Without AVX-512 (or for float64) y and dx are formed by writing R (or dy) first and
+// letting the GEMM accumulate into it: one more pass over an N x d tensor each.
 // For fp32 x nothing of size N x d is written besides y (forward) and dx (backward);
 // half-precision x is widened to fp32 first.
 //
@@ -21,6 +22,8 @@
 #include "adapter_cpu.h"
 
 #include <ATen/ATen.h>
+
+#include "cpu_residual_gemm.h"
 
 #include <vector>
 
@@ -64,6 +67,23 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, Acti
   return grad;
 }
 
+// out = res + s * (a @ b + c) by the one-pass kernel of cpu_residual_gemm.h, where b is a
+// [k, d] view with any strides; res and c may be undefined. False when it cannot run here
+// (no AVX-512, float64), and the caller takes the ATen path.
+bool residual_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::Tensor res,
+                       double s) {
+  if (out.scalar_type() != at::kFloat || !residual_gemm_available()) return false;
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && a.stride(1) == 1 && (!c.defined() || c.is_contiguous()));
+  if (res.defined() && res.stride(1) != 1) res = res.contiguous();
+  ResidualGemm g{out.size(0), out.size(1), a.size(1),
+                 a.data_ptr<float>(), a.stride(0),
+                 b.data_ptr<float>(), b.stride(0), b.stride(1),
+                 res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0,
+                 c.defined() ? c.data_ptr<float>() : nullptr, static_cast<float>(s),
+                 out.data_ptr<float>(), out.stride(0)};
+  return residual_gemm(g);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
@@ -95,7 +115,9 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   // y = R + s * b_up first (one pass), then the GEMM accumulates s * a @ W_up^T into it
   const at::Tensor res = residual_is_x ? xa : (residual ? residual->to(acc) : at::Tensor());
   at::Tensor y = at::empty({n, d}, fopt);
-  if (res.defined()) {
+  if (residual_gemm_out(y, a, wu_t, bu, res, scaling)) {
+    // done in one pass
+  } else if (res.defined()) {
     if (bu.defined()) at::add_out(y, res, bu, scaling);
     else y.copy_(res);
     y.addmm_(a, wu_t, 1.0, scaling);
@@ -151,11 +173,14 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);
     if (need_dx) {
       const at::Tensor wd = operand(w_down, dt, acc);
-      if (residual_is_x) {  // dx = dy + dz @ W_down, the add inside the GEMM
-        dx = g.clone(at::MemoryFormat::Contiguous);
+      dx = at::empty({n, d}, fopt);
+      if (residual_gemm_out(dx, dz, wd, at::Tensor(), residual_is_x ? g : at::Tensor(), 1.0)) {
+        // dx = dy + dz @ W_down in one pass
+      } else if (residual_is_x) {  // dy copied, the GEMM accumulates into it
+        dx.copy_(g);
         dx.addmm_(dz, wd);
       } else {
-        dx = at::mm(dz, wd);
+        at::mm_out(dx, dz, wd);
       }
       if (widen) dx = dx.to(dt);
     }

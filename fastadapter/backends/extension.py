@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger("fastadapter")
 
-CPU_SOURCES = ("binding.cpp", "adapter_cpu.cpp")
+CPU_SOURCES = ("binding.cpp", "adapter_cpu.cpp", "cpu_residual_gemm.cpp")
 CUDA_SOURCES = ("adapter_cuda.cu", "adapter_cuda_binding.cpp")
 
 
@@ -44,6 +44,14 @@ def want_cuda() -> bool:
         and CUDA_HOME is not None
         and os.environ.get("FASTADAPTER_NO_CUDA_EXT", "0") != "1"
     )
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch runs its CPU threads with OpenMP (Linux wheels): at::parallel_for
+    in an extension compiled without it runs every range on the calling thread."""
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
 
 
 def _cpu_tag() -> str:
@@ -86,13 +94,14 @@ def load() -> tuple[Optional[object], Optional[str]]:
         name = "fastadapter_C_cuda" if cuda else "fastadapter_C"
         sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
         # built on the machine that runs it: -march=native lets the epilogue loops use its vector width
-        flags = ["-O3", "-march=native"] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
+        flags = ["-O3", "-march=native", *openmp_flags()] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
         logger.info("fastadapter: building the C++ extension %s (first use only)", name)
         module = jit_load(
             name=name,
             sources=sources,
             extra_cflags=flags,
             extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
+            extra_ldflags=openmp_flags(),
             extra_include_paths=[str(src)],
             build_directory=str(build_dir(name)),
             with_cuda=cuda,

@@ -1,0 +1,39 @@
+// The up-projection with its epilogue in one pass, fp32, on CPUs with AVX-512:
+//
+//   out[i, j] = R[i, j] + s * (sum_p A[i, p] * B[p, j] + c[j])
+//
+// The forward's y = x + s * (a W_up^T + b_up) and the backward's dx = dy + dz W_down are
+// this product with a small k = r. Run as an ATen GEMM, they need R copied into the
+// output first and the GEMM accumulating into it: one more full pass over an N x d
+// tensor than the one R read and one out write this kernel makes.
+#pragma once
+
+#include <cstdint>
+
+namespace fastadapter {
+
+struct ResidualGemm {
+  int64_t n, d, k;
+  const float* a;          // [n, k], row stride lda, unit column stride
+  int64_t lda;
+  const float* b;          // element (p, j) at b[p * b_stride_k + j * b_stride_d]
+  int64_t b_stride_k, b_stride_d;
+  const float* r;          // [n, d], row stride ldr, unit column stride; null: no residual
+  int64_t ldr;
+  const float* c;          // [d]; null: no bias
+  float s;
+  float* out;              // [n, d], row stride ldo, unit column stride
+  int64_t ldo;
+};
+
+// True when this CPU has the AVX-512 kernel and it is enabled.
+bool residual_gemm_available();
+
+// Turns the kernel off (the callers then use ATen GEMMs); returns the previous setting.
+bool set_residual_gemm_enabled(bool enabled);
+
+// Computes the product and returns true, or returns false without touching out when
+// residual_gemm_available() is false or k < 1.
+bool residual_gemm(const ResidualGemm& g);
+
+}  // namespace fastadapter

@@ -1,0 +1,88 @@
+"""The cpp backend's one-pass AVX-512 up-projection (csrc/cpu_residual_gemm.cpp) and the
+ATen path it replaces: both against float64 math on shapes that hit every edge of its
+6 x 64 micro-tiles, and thread-count independence."""
+
+import re
+
+import pytest
+import torch
+
+from fastadapter.backends import extension
+
+from .helpers import check_against_float64, make_inputs, require
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^flags\s*:.*\bavx512f\b", f.read(), re.M) is not None
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def module():
+    require("cpp", "cpu")
+    return extension.load()[0]
+
+
+@pytest.fixture(params=["avx512", "aten"])
+def path(request, module):
+    """Runs the test with the one-pass kernel on, then off (ATen GEMMs)."""
+    on = request.param == "avx512"
+    if on and not module.residual_gemm_available():
+        pytest.skip("this CPU has no AVX-512: the cpp backend uses ATen GEMMs only")
+    previous = module.set_residual_gemm_enabled(on)
+    yield request.param
+    module.set_residual_gemm_enabled(previous)
+
+
+def test_kernel_is_used_where_the_cpu_has_avx512(module):
+    assert module.residual_gemm_available() == _cpu_has_avx512()
+
+
+# N around the 6-row micro-tile and 24-row task; d around the 64-column block and
+# 16-float vector; r from 1 up past 256; N=3000, d=100 splits into several tasks
+SHAPES = [(1, 768, 64), (5, 64, 1), (7, 33, 3), (25, 100, 8), (97, 130, 17), (48, 16, 300), (3000, 100, 8), (513, 1024, 64)]
+
+
+@pytest.mark.parametrize("n,d,r", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("residual", ["x", "none", "tensor"])
+def test_matches_float64(path, n, d, r, residual):
+    x, w_down, b_down, w_up, b_up = make_inputs(n, d, r, seed=n + d + r)
+    if residual == "tensor":  # a non-contiguous residual: every other column of a wider tensor
+        res = torch.randn(n, 2 * d, generator=torch.Generator().manual_seed(1))[:, ::2]
+    else:
+        res = residual == "x"
+    check_against_float64("cpp", x, w_down, b_down, w_up, b_up, activation="gelu", scaling=0.75, residual=res)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_x_without_bias(path, dtype):
+    x, w_down, _, w_up, _ = make_inputs(77, 200, 24, dtype=dtype, bias=False)
+    check_against_float64("cpp", x, w_down, None, w_up, None, activation="silu", scaling=2.0, residual=True)
+
+
+def test_same_bits_on_one_thread_and_on_all(path):
+    """y and dx (the products with d outputs per row) do not depend on the thread count.
+    The weight gradients reduce over N inside MKL, which splits that sum by thread, so
+    they are reproducible for a given thread count only (tests/test_adapter.py)."""
+    import fastadapter as fa
+
+    x, w_down, b_down, w_up, b_up = make_inputs(1000, 192, 32)
+    params = (w_down, b_down, w_up, b_up)
+    x.requires_grad_()
+
+    def run():
+        y = fa.fused_adapter(x, *params, activation="gelu", backend="cpp")
+        return (y, torch.autograd.grad(y, x, torch.ones_like(y))[0])
+
+    threads = torch.get_num_threads()
+    try:
+        many = run()
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, one):
+        assert torch.equal(a, b)
