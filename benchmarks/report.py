@@ -3,8 +3,9 @@
     python benchmarks/report.py FILE [FILE ...]
 
 Per case: median time of each provider, speedup over eager and over torch.compile,
-and for GPU runs the achieved bandwidth (minimal bytes / median time) as a fraction
-of a device copy timed in the same run.
+for CPU runs the median minor page faults per call, and for GPU runs the achieved
+bandwidth (minimal bytes / median time) as a fraction of a device copy timed in the
+same run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def rows(data: dict):
                 "vs_compile": "" if name == "copy" or not compiled else f"{compiled / t:.2f}x",
                 "gbs": "" if bw != bw else f"{bw / 1e9:.0f}",
                 "pct_copy": f"{100 * bw / bw_ref:.0f}%" if bw_ref and bw == bw else "",
+                "faults": "" if "page_faults_per_call" not in r else f"{r['page_faults_per_call']:.0f}",
             }
 
 
@@ -71,14 +73,15 @@ def table(paths) -> str:
         cpu = mi.get("cpu", {}).get("brand_raw", "")
         out.append(f"Machine: {mi.get('node', '?')} {cpu} ({data.get('datetime', '')[:10]})\n")
         gpu = any(b["extra_info"]["device"] != "cpu" for b in data["benchmarks"])
-        head = "| case | mode | provider | median ms | vs eager | vs compile | GB/s |" + (" % of copy |" if gpu else "")
+        head = "| case | mode | provider | median ms | vs eager | vs compile | GB/s |" + (
+            " % of copy |" if gpu else " page faults / call |"
+        )
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for r in rows(data):
             cells = (r["case"], r["mode"], r["provider"], f"{r['ms']:.3f}", r["vs_eager"], r["vs_compile"], r["gbs"])
             line = "| " + " | ".join(cells) + " |"
-            if gpu:
-                line += f" {r['pct_copy']} |"
+            line += f" {r['pct_copy'] if gpu else r['faults']} |"
             out.append(line)
         model = list(model_rows(data))
         if model:
