@@ -161,13 +161,15 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     }
     a1.select(1, r).fill_(1);
     // computed as [a | 1]^T dy ([r + 1, d]): MKL runs this orientation faster here
-    at::Tensor out = at::mm((need_dwu ? a1 : a1.narrow(1, r, 1)).t(), g).mul_(scaling);
+    at::Tensor out = at::mm((need_dwu ? a1 : a1.narrow(1, r, 1)).t(), g);
+    if (scaling != 1.0) out.mul_(scaling);
     if (need_dwu) dwu = out.narrow(0, 0, r).t().contiguous();
     if (need_dbu) dbu = out.select(0, out.size(0) - 1).clone();  // a fresh tensor, not a view of out
   }
   if (need_dz) {
     at::Tensor da = at::mm(g, operand(w_up, dt, acc));  // [N, r]
-    at::Tensor dz = activation_backward(da, z, act).mul_(scaling);
+    at::Tensor dz = activation_backward(da, z, act);
+    if (scaling != 1.0) dz.mul_(scaling);
     if (need_dbd) dbd = dz.sum(0);
     if (widen) round_to(dz, dt);
     if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);
