@@ -23,6 +23,7 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
 
 #include <vector>
@@ -110,7 +111,9 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   if (b_down) at::addmm_out(z, b_down->to(acc), xa, wd_t);
   else at::mm_out(z, xa, wd_t);
   at::Tensor a = at::empty({n, r}, fopt);
-  activation_out(a, z, act);
+  if (acc != at::kFloat ||
+      !activation_forward_avx512(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
+    activation_out(a, z, act);
   if (widen) round_to(a, dt);
   // y = R + s * b_up first (one pass), then the GEMM accumulates s * a @ W_up^T into it
   const at::Tensor res = residual_is_x ? xa : (residual ? residual->to(acc) : at::Tensor());
@@ -147,19 +150,49 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   const at::Tensor g = dy.to(acc);
 
   at::Tensor dx, dwd, dbd, dwu, dbu;
+  at::Tensor da = need_dz ? at::mm(g, operand(w_up, dt, acc)) : at::Tensor();  // [N, r]
+  at::Tensor a1, dz;  // [a | 1] for the dW_up GEMM; dz = s * da * act'(z)
+  if (acc == at::kFloat && (need_dwu || need_dz)) {
+    // one AVX-512 pass over z and da for a, its ones column, dz (in place of da) and db_down
+    const at::Tensor zc = z.stride(1) == 1 ? z : z.contiguous();
+    if (need_dwu) a1 = at::empty({n, r + 1}, fopt);
+    at::Tensor db_parts = need_dbd ? at::empty({activation_tiles(n), r}, fopt) : at::Tensor();
+    float* dap = need_dz ? da.data_ptr<float>() : nullptr;
+    if (activation_backward_avx512(n, r, zc.data_ptr<float>(), zc.stride(0), dap, need_dz ? da.stride(0) : 0, activation,
+                                   static_cast<float>(scaling), need_dwu ? a1.data_ptr<float>() : nullptr,
+                                   need_dwu ? a1.stride(0) : 0, dap, need_dz ? da.stride(0) : 0,
+                                   need_dbd ? db_parts.data_ptr<float>() : nullptr)) {
+      if (need_dz) dz = da;
+      if (need_dbd) dbd = db_parts.sum(0);  // tile partials added in tile order
+      if (need_dwu && widen) {
+        at::Tensor a = a1.narrow(1, 0, r);
+        round_to(a, dt);
+      }
+    } else {
+      a1 = at::Tensor();
+    }
+  }
+  if (need_dz && !dz.defined()) {
+    dz = activation_backward(da, z, act);
+    if (scaling != 1.0) dz.mul_(scaling);
+    if (need_dbd) dbd = dz.sum(0);
+  }
+  if (need_dz && widen) round_to(dz, dt);
   if (need_dwu || need_dbu) {
     // [dW_u | db_u] = s * dy^T [a | 1]: the ones column turns the bias sum into GEMM work
-    at::Tensor a1 = at::empty({n, r + 1}, fopt);
-    at::Tensor a = a1.narrow(1, 0, r);
-    if (need_dwu) {
-      at::Tensor tmp = at::empty({n, r}, fopt);  // some ATen activation out= kernels mishandle strided outputs
-      activation_out(tmp, z, act);
-      if (widen) round_to(tmp, dt);
-      a.copy_(tmp);
-    } else {
-      a.zero_();
+    if (!a1.defined()) {
+      a1 = at::empty({n, r + 1}, fopt);
+      at::Tensor a = a1.narrow(1, 0, r);
+      if (need_dwu) {
+        at::Tensor tmp = at::empty({n, r}, fopt);  // some ATen activation out= kernels mishandle strided outputs
+        activation_out(tmp, z, act);
+        if (widen) round_to(tmp, dt);
+        a.copy_(tmp);
+      } else {
+        a.zero_();
+      }
+      a1.select(1, r).fill_(1);
     }
-    a1.select(1, r).fill_(1);
     // computed as [a | 1]^T dy ([r + 1, d]): MKL runs this orientation faster here
     at::Tensor out = at::mm((need_dwu ? a1 : a1.narrow(1, r, 1)).t(), g);
     if (scaling != 1.0) out.mul_(scaling);
@@ -167,11 +200,6 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     if (need_dbu) dbu = out.select(0, out.size(0) - 1).clone();  // a fresh tensor, not a view of out
   }
   if (need_dz) {
-    at::Tensor da = at::mm(g, operand(w_up, dt, acc));  // [N, r]
-    at::Tensor dz = activation_backward(da, z, act);
-    if (scaling != 1.0) dz.mul_(scaling);
-    if (need_dbd) dbd = dz.sum(0);
-    if (widen) round_to(dz, dt);
     if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);
     if (need_dx) {
       const at::Tensor wd = operand(w_down, dt, acc);

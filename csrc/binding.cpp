@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "adapter_cpu.h"
+#include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
 
 #ifdef FASTADAPTER_WITH_CUDA
@@ -14,10 +15,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastadapter C++/CUDA extension";
   m.def("adapter_forward_cpu", &fastadapter::adapter_forward_cpu);
   m.def("adapter_backward_cpu", &fastadapter::adapter_backward_cpu);
-  m.def("residual_gemm_available", &fastadapter::residual_gemm_available,
-        "whether the cpp backend runs its up-projections with the AVX-512 one-pass kernel");
-  m.def("set_residual_gemm_enabled", &fastadapter::set_residual_gemm_enabled,
-        "turn the AVX-512 one-pass kernel on or off (off: ATen GEMMs); returns the previous setting");
+  m.def("avx512_kernels", []() {
+    return std::vector<bool>{fastadapter::residual_gemm_available(), fastadapter::activation_avx512_available()};
+  }, "whether the cpp backend runs [the one-pass up-projection, the activation passes] with AVX-512 here");
+  m.def("set_avx512_kernels_enabled", &fastadapter::set_avx512_kernels_enabled,
+        "turn the cpp backend's AVX-512 kernels on or off (off: ATen ops); returns the previous setting");
   m.def("activation_names", []() {
     std::vector<std::string> names(std::begin(fastadapter::kActivationNames), std::end(fastadapter::kActivationNames));
     return names;

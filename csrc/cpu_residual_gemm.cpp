@@ -156,7 +156,9 @@ bool residual_gemm_available() {
 #endif
 }
 
-bool set_residual_gemm_enabled(bool enabled) { return g_enabled.exchange(enabled); }
+bool set_avx512_kernels_enabled(bool enabled) { return g_enabled.exchange(enabled); }
+
+bool avx512_kernels_enabled() { return g_enabled.load(); }
 
 bool residual_gemm(const ResidualGemm& g) {
   if (!residual_gemm_available() || g.k < 1) return false;

@@ -29,8 +29,10 @@ struct ResidualGemm {
 // True when this CPU has the AVX-512 kernel and it is enabled.
 bool residual_gemm_available();
 
-// Turns the kernel off (the callers then use ATen GEMMs); returns the previous setting.
-bool set_residual_gemm_enabled(bool enabled);
+// The cpp backend's AVX-512 kernels (this one and cpu_activation.h) are on unless turned
+// off here; off, the callers use ATen ops. Returns the previous setting.
+bool set_avx512_kernels_enabled(bool enabled);
+bool avx512_kernels_enabled();
 
 // Computes the product and returns true, or returns false without touching out when
 // residual_gemm_available() is false or k < 1.

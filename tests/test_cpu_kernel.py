@@ -1,6 +1,7 @@
-"""The cpp backend's one-pass AVX-512 up-projection (csrc/cpu_residual_gemm.cpp) and the
-ATen path it replaces: both against float64 math on shapes that hit every edge of its
-6 x 64 micro-tiles, and thread-count independence."""
+"""The cpp backend's AVX-512 kernels (csrc/cpu_residual_gemm.cpp: the one-pass
+up-projection; csrc/cpu_activation.cpp: the passes over the bottleneck) and the ATen
+path they replace: both against float64 math on shapes that hit every edge of the 6 x 64
+micro-tiles and the 16-lane vectors, every activation, and thread-count independence."""
 
 import re
 
@@ -28,17 +29,17 @@ def module():
 
 @pytest.fixture(params=["avx512", "aten"])
 def path(request, module):
-    """Runs the test with the one-pass kernel on, then off (ATen GEMMs)."""
+    """Runs the test with the AVX-512 kernels on, then off (ATen ops)."""
     on = request.param == "avx512"
-    if on and not module.residual_gemm_available():
-        pytest.skip("this CPU has no AVX-512: the cpp backend uses ATen GEMMs only")
-    previous = module.set_residual_gemm_enabled(on)
+    if on and not all(module.avx512_kernels()):
+        pytest.skip("this CPU has no AVX-512: the cpp backend uses ATen ops only")
+    previous = module.set_avx512_kernels_enabled(on)
     yield request.param
-    module.set_residual_gemm_enabled(previous)
+    module.set_avx512_kernels_enabled(previous)
 
 
-def test_kernel_is_used_where_the_cpu_has_avx512(module):
-    assert module.residual_gemm_available() == _cpu_has_avx512()
+def test_kernels_are_used_where_the_cpu_has_avx512(module):
+    assert module.avx512_kernels() == [_cpu_has_avx512()] * 2
 
 
 # N around the 6-row micro-tile and 24-row task; d around the 64-column block and
@@ -55,6 +56,13 @@ def test_matches_float64(path, n, d, r, residual):
     else:
         res = residual == "x"
     check_against_float64("cpp", x, w_down, b_down, w_up, b_up, activation="gelu", scaling=0.75, residual=res)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
+@pytest.mark.parametrize("r", [1, 16, 37])
+def test_every_activation(path, activation, r):
+    x, w_down, b_down, w_up, b_up = make_inputs(131, 48, r, seed=r)
+    check_against_float64("cpp", x, w_down, b_down, w_up, b_up, activation=activation, scaling=1.5, residual=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,182 @@
+// AVX-512 passes over the bottleneck activations (see cpu_activation.h).
+//
+// The formulas are ATen's, term for term (GeluKernel.cpp and friends), so the results
+// agree with at::gelu / at::gelu_backward to a few ulp; NaN passes the same way.
+// Compiled by function attribute and chosen at run time, like cpu_residual_gemm.cpp.
+
+#include "cpu_activation.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "adapter_cpu.h"
+#include "cpu_residual_gemm.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTADAPTER_HAVE_AVX512_KERNEL 1
+#include <immintrin.h>
+#define FA_AVX512 __attribute__((target("avx512f")))
+// SLEEF's AVX-512 functions, exported by libtorch_cpu on x86-64 Linux wheels. Weak: a
+// torch without them leaves these null and the callers take the ATen path.
+extern "C" {
+FA_AVX512 __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+FA_AVX512 __m512 Sleef_erff16_u10(__m512) __attribute__((weak));
+FA_AVX512 __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+}
+#else
+#define FASTADAPTER_HAVE_AVX512_KERNEL 0
+#endif
+
+namespace fastadapter {
+namespace {
+
+constexpr int64_t kTileRows = 64;
+
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+
+bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && Sleef_expf16_u10 != nullptr &&
+                         Sleef_erff16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr;
+  return ok && avx512_kernels_enabled();
+}
+
+// act(z) and act'(z) for 16 lanes
+struct ActDeriv {
+  __m512 value, deriv;
+};
+
+FA_AVX512 inline ActDeriv act_and_deriv(__m512 z, Activation act, bool want_value, bool want_deriv) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  ActDeriv r{zero, zero};
+  switch (act) {
+    case Activation::Relu: {
+      r.value = _mm512_max_ps(zero, z);  // max(0, NaN) is NaN, like torch.relu
+      r.deriv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_GT_OQ), zero, one);
+      break;
+    }
+    case Activation::Gelu: {
+      const __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, Sleef_erff16_u10(_mm512_mul_ps(z, _mm512_set1_ps(M_SQRT1_2)))));
+      if (want_value) r.value = _mm512_mul_ps(z, cdf);
+      if (want_deriv) {
+        const float beta = M_2_SQRTPI * M_SQRT1_2 * 0.5;  // 1 / sqrt(2 pi)
+        const __m512 pdf = _mm512_mul_ps(Sleef_expf16_u10(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(z, z))),
+                                         _mm512_set1_ps(beta));
+        r.deriv = _mm512_fmadd_ps(z, pdf, cdf);
+      }
+      break;
+    }
+    case Activation::GeluTanh: {
+      const float beta = M_SQRT2 * M_2_SQRTPI * 0.5, kappa = 0.044715f;
+      const __m512 z2 = _mm512_mul_ps(z, z);
+      const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_fmadd_ps(_mm512_set1_ps(kappa), _mm512_mul_ps(z2, z), z));
+      const __m512 t = Sleef_tanhf16_u10(inner);
+      const __m512 left = _mm512_mul_ps(half, z), right = _mm512_add_ps(one, t);
+      if (want_value) r.value = _mm512_mul_ps(left, right);
+      if (want_deriv) {
+        const __m512 left_d = _mm512_mul_ps(half, right);
+        const __m512 inner_d = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_fmadd_ps(_mm512_set1_ps(3.0f * kappa), z2, one));
+        const __m512 right_d = _mm512_mul_ps(_mm512_mul_ps(left, _mm512_fnmadd_ps(t, t, one)), inner_d);
+        r.deriv = _mm512_add_ps(left_d, right_d);
+      }
+      break;
+    }
+    case Activation::Silu: {
+      const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(zero, z))));
+      if (want_value) r.value = _mm512_mul_ps(z, sig);
+      if (want_deriv) r.deriv = _mm512_mul_ps(sig, _mm512_fmadd_ps(z, _mm512_sub_ps(one, sig), one));
+      break;
+    }
+    case Activation::Tanh: {
+      const __m512 t = Sleef_tanhf16_u10(z);
+      r.value = t;
+      r.deriv = _mm512_fnmadd_ps(t, t, one);
+      break;
+    }
+    case Activation::Identity: {
+      r.value = z;
+      r.deriv = one;
+      break;
+    }
+  }
+  return r;
+}
+
+inline __mmask16 tail_mask(int64_t cols) { return static_cast<__mmask16>((1u << cols) - 1u); }
+
+FA_AVX512 void forward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
+                            Activation act) {
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = 0; j < r; j += 16) {
+      const __mmask16 m = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(r - j);
+      const __m512 zv = _mm512_maskz_loadu_ps(m, z + i * ldz + j);
+      _mm512_mask_storeu_ps(a + i * lda + j, m, act_and_deriv(zv, act, true, false).value);
+    }
+  }
+}
+
+FA_AVX512 void backward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
+                             Activation act, float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < r; j += 16) {
+    const __mmask16 m = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(r - j);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = i0; i < i1; ++i) {
+      const __m512 zv = _mm512_maskz_loadu_ps(m, z + i * ldz + j);
+      const ActDeriv v = act_and_deriv(zv, act, a1 != nullptr, dz != nullptr);
+      if (a1) _mm512_mask_storeu_ps(a1 + i * lda1 + j, m, v.value);
+      if (dz) {
+        const __m512 g = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, da + i * ldda + j), v.deriv), vs);
+        _mm512_mask_storeu_ps(dz + i * lddz + j, m, g);
+        sum = _mm512_add_ps(sum, g);
+      }
+    }
+    if (db) _mm512_mask_storeu_ps(db + j, m, sum);
+  }
+  if (a1)
+    for (int64_t i = i0; i < i1; ++i) a1[i * lda1 + r] = 1.0f;
+}
+
+#endif  // FASTADAPTER_HAVE_AVX512_KERNEL
+
+}  // namespace
+
+bool activation_avx512_available() {
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  return available();
+#else
+  return false;
+#endif
+}
+
+int64_t activation_tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
+
+bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  if (!available()) return false;
+  at::parallel_for(0, activation_tiles(n), 16, [&](int64_t t0, int64_t t1) {
+    forward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, a, lda, static_cast<Activation>(act));
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
+                                float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db_parts) {
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  if (!available()) return false;
+  at::parallel_for(0, activation_tiles(n), 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      backward_rows(t * kTileRows, std::min(n, (t + 1) * kTileRows), r, z, ldz, da, ldda, static_cast<Activation>(act), s,
+                    a1, lda1, dz, lddz, db_parts ? db_parts + t * r : nullptr);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastadapter

@@ -1,0 +1,31 @@
+// The cpp backend's element-wise work on the N x r bottleneck, fp32, in one AVX-512 pass
+// each way (cpu_activation.cpp). Vector exp / erf / tanh come from the SLEEF build inside
+// libtorch (the functions ATen's own AVX-512 kernels call); without them, or without
+// AVX-512, the functions return false and the caller uses ATen ops.
+#pragma once
+
+#include <cstdint>
+
+namespace fastadapter {
+
+// True when this CPU and torch build have what the passes need and the AVX-512 kernels
+// are enabled (set_avx512_kernels_enabled in cpu_residual_gemm.h).
+bool activation_avx512_available();
+
+// a[i, :r] = act(z[i, :r]) for i < n. Row strides ldz, lda.
+bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act);
+
+// One pass over the rows of z and da (= dy @ W_up):
+//   a1 (may be null):  a1[i, :r] = act(z[i, :r]), a1[i, r] = 1 (the ones column that
+//                      turns db_up into part of the dW_up GEMM);
+//   dz (may be null):  dz[i, :] = s * da[i, :] * act'(z[i, :]), in place when dz == da;
+//   db_parts (may be null, needs dz): row-tile partial sums of dz, [tiles(n), r],
+//                      for the caller to add in order (a sum that does not depend on
+//                      which thread took which tile).
+bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
+                                float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db_parts);
+
+// Rows per tile of activation_backward_avx512's db_parts.
+int64_t activation_tiles(int64_t n);
+
+}  // namespace fastadapter
