@@ -108,8 +108,14 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   const at::Tensor wu_t = operand(w_up, dt, acc).t();
   const at::Tensor bu = b_up ? b_up->to(acc).contiguous() : at::Tensor();
 
-  if (b_down) at::addmm_out(z, b_down->to(acc), xa, wd_t);
-  else at::mm_out(z, xa, wd_t);
+  const at::Tensor bd = b_down ? b_down->to(acc).contiguous() : at::Tensor();
+  if (xa.stride(1) == 1 && residual_gemm_out(z, xa, wd_t, bd, at::Tensor(), 1.0)) {
+    // z = x W_d^T + b_d by the same kernel: MKL is slow at N x 64 outputs
+  } else if (bd.defined()) {
+    at::addmm_out(z, bd, xa, wd_t);
+  } else {
+    at::mm_out(z, xa, wd_t);
+  }
   at::Tensor a = at::empty({n, r}, fopt);
   if (acc != at::kFloat ||
       !activation_forward_avx512(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
@@ -150,7 +156,12 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   const at::Tensor g = dy.to(acc);
 
   at::Tensor dx, dwd, dbd, dwu, dbu;
-  at::Tensor da = need_dz ? at::mm(g, operand(w_up, dt, acc)) : at::Tensor();  // [N, r]
+  at::Tensor da;  // [N, r] = dy @ W_up
+  if (need_dz) {
+    const at::Tensor wu = operand(w_up, dt, acc);
+    da = at::empty({n, r}, fopt);
+    if (g.stride(1) != 1 || !residual_gemm_out(da, g, wu, at::Tensor(), at::Tensor(), 1.0)) at::mm_out(da, g, wu);
+  }
   at::Tensor a1, dz;  // [a | 1] for the dW_up GEMM; dz = s * da * act'(z)
   if (acc == at::kFloat && (need_dwu || need_dz)) {
     // one AVX-512 pass over z and da for a, its ones column, dz (in place of da) and db_down

@@ -34,6 +34,7 @@ std::atomic<bool> g_enabled{true};
 constexpr int64_t kMR = 6;         // rows per micro-tile
 constexpr int64_t kNR = 64;        // columns per micro-tile and per packed block of B
 constexpr int64_t kTileRows = 24;  // rows per parallel task
+constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 64 floats of B: 32 KiB, in L1)
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -125,7 +126,29 @@ const float* pack_b(const ResidualGemm& g) {
   return base;
 }
 
+// out[i, :cols] = R[i, :cols] + s * (acc[i, :cols] + c[:cols]) for the rows of a tile
+FA_AVX512 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* R, int64_t ldr, const float* c,
+                             float s, float* out, int64_t ldo) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t v = 0; v < cols; v += 16) {
+    const __mmask16 m = cols - v >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - v)) - 1u);
+    const __m512 e = c ? _mm512_maskz_loadu_ps(m, c + v) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m512 rv = R ? _mm512_maskz_loadu_ps(m, R + i * ldr + v) : _mm512_setzero_ps();
+      const __m512 t = _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + i * kNR + v), e);
+      _mm512_mask_storeu_ps(out + i * ldo + v, m, _mm512_fmadd_ps(vs, t, rv));
+    }
+  }
+}
+
+void micro(int64_t mr, int64_t cols, int64_t nv, __mmask16 tail, const float* a, int64_t lda, const float* b, int64_t k,
+           const float* r, int64_t ldr, const float* c, float s, float* o, int64_t ldo) {
+  if (mr == kMR && cols == kNR) micro_6x64(a, lda, b, k, r, ldr, c, s, o, ldo);
+  else micro_edge(mr, nv, tail, a, lda, b, k, r, ldr, c, s, o, ldo);
+}
+
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
+  alignas(64) float acc[kTileRows * kNR];  // running sums of a tile's k-blocks
   for (int64_t j = 0; j < g.d; j += kNR) {
     const float* bj = packed + (j / kNR) * g.k * kNR;
     const int64_t cols = std::min(kNR, g.d - j);
@@ -133,14 +156,26 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
     const int64_t rem = cols - 16 * (nv - 1);
     const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
     const float* cj = g.c ? g.c + j : nullptr;
-    for (int64_t i = row0; i < row1; i += kMR) {
-      const int64_t mr = std::min(kMR, row1 - i);
-      const float* a = g.a + i * g.lda;
-      const float* r = g.r ? g.r + i * g.ldr + j : nullptr;
-      float* o = g.out + i * g.ldo + j;
-      if (mr == kMR && cols == kNR) micro_6x64(a, g.lda, bj, g.k, r, g.ldr, cj, g.s, o, g.ldo);
-      else micro_edge(mr, nv, tail, a, g.lda, bj, g.k, r, g.ldr, cj, g.s, o, g.ldo);
+    if (g.k <= kKc) {  // one k-block: the epilogue straight from the registers
+      for (int64_t i = row0; i < row1; i += kMR) {
+        micro(std::min(kMR, row1 - i), cols, nv, tail, g.a + i * g.lda, g.lda, bj, g.k, g.r ? g.r + i * g.ldr + j : nullptr,
+              g.ldr, cj, g.s, g.out + i * g.ldo + j, g.ldo);
+      }
+      continue;
     }
+    // k in blocks of kKc: each block's B stays in L1 across the tile's micro-rows, and a
+    // long dot product is summed as block partials (rounding error grows with kKc plus
+    // the number of blocks, not with k)
+    for (int64_t p = 0; p < g.k; p += kKc) {
+      const int64_t kb = std::min(kKc, g.k - p);
+      for (int64_t i = row0; i < row1; i += kMR) {
+        float* t = acc + (i - row0) * kNR;
+        micro(std::min(kMR, row1 - i), cols, nv, tail, g.a + i * g.lda + p, g.lda, bj + p * kNR, kb, p == 0 ? nullptr : t, kNR,
+              nullptr, 1.0f, t, kNR);
+      }
+    }
+    tile_epilogue(row1 - row0, cols, acc, g.r ? g.r + row0 * g.ldr + j : nullptr, g.ldr, cj, g.s, g.out + row0 * g.ldo + j,
+                  g.ldo);
   }
 }
 
