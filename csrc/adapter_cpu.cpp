@@ -1,17 +1,18 @@
 // Fused adapter on the CPU.
 //
 // On CPUs the adapter's GEMMs are compute-bound (about r FLOP per byte is above a CPU's
-// ridge point), so what fusion can save here is the element-wise passes, allocations and
-// saved tensors, not GEMM work. The products with a reduction over d or over N are
-// whole-matrix ATen GEMMs (MKL); the two with a reduction over r, whose outputs are the
-// N x d tensors y and dx, run with their epilogue in one pass (cpu_residual_gemm.h):
-//   forward:  z = x W_d^T + b_d (bias in the GEMM); a = act(z);
+// ridge point), so fusion saves element-wise passes, allocations and saved tensors, and
+// the rest is GEMM speed. On AVX-512 CPUs the four products with an N x r or N x d
+// output run in the register-tiled kernel of cpu_residual_gemm.h with their epilogues
+// (MKL is slow at N x 64 outputs), the N x r element-wise work in the passes of
+// cpu_activation.h, and the two weight-gradient reductions over N in MKL:
+//   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
-//   backward: [dW_u | db_u] = s * dy^T [a | 1] (one GEMM: the ones column sums dy);
-//             da = dy W_u; dz = s * da * act'(z); db_d = sum(dz); dW_d = dz^T x;
-//             dx = dy + dz W_d in one pass over dx.
-// Without AVX-512 (or for float64) y and dx are formed by writing R (or dy) first and
-// letting the GEMM accumulate into it: one more pass over an N x d tensor each.
+//   backward: da = dy W_u; one pass for [a | 1], dz = s * da * act'(z) and db_d;
+//             [dW_u | db_u] = s * [a | 1]^T dy (one GEMM: the ones column sums dy);
+//             dW_d = dz^T x; dx = dy + dz W_d in one pass over dx.
+// Elsewhere (no AVX-512, float64) the same steps run as ATen ops, y and dx formed by
+// writing R (or dy) first and letting the GEMM accumulate into it.
 // For fp32 x nothing of size N x d is written besides y (forward) and dx (backward);
 // half-precision x is widened to fp32 first.
 //

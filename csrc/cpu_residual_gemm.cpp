@@ -1,12 +1,14 @@
 // AVX-512 kernel for out = R + s * (A @ B + c) (see cpu_residual_gemm.h).
 //
 // B (k x d, the adapter's weight) is packed once per call into column blocks of 64,
-// k x 64 floats each and contiguous, zero-padded past d. Rows go in tiles of kTileRows
-// across threads (at::parallel_for); inside a tile each block of B is swept by 6 x 64
+// k x 64 floats each and contiguous, zero-padded past d. Rows go in tiles of kTileRows,
+// handed to threads one at a time; inside a tile each block of B is swept by 6 x 64
 // micro-tiles: 24 zmm accumulators, 4 loads of B and 6 broadcasts of A per step of p.
-// R and c are read in the epilogue, while the micro-tile is still in registers.
-// Compiled for AVX-512 by function attribute and chosen at run time, so a build without
-// -march=native still has it and a CPU without AVX-512 never runs it.
+// For k <= kKc, R and c are read in the epilogue while the micro-tile is still in
+// registers; longer dot products go in k-blocks of kKc summed in a tile buffer (B's
+// block stays in L1, and the rounding error grows with kKc, not k) and then the same
+// epilogue. Compiled for AVX-512 by function attribute and chosen at run time, so a
+// build without -march=native still has it and a CPU without AVX-512 never runs it.
 
 #include "cpu_residual_gemm.h"
 

@@ -1,10 +1,12 @@
-// The up-projection with its epilogue in one pass, fp32, on CPUs with AVX-512:
+// A GEMM with its epilogue in one pass, fp32, on CPUs with AVX-512:
 //
 //   out[i, j] = R[i, j] + s * (sum_p A[i, p] * B[p, j] + c[j])
 //
-// The forward's y = x + s * (a W_up^T + b_up) and the backward's dx = dy + dz W_down are
-// this product with a small k = r. Run as an ATen GEMM, they need R copied into the
-// output first and the GEMM accumulating into it: one more full pass over an N x d
+// for products whose B is an adapter weight (small: k x d with k or d equal to r).
+// The cpp backend runs four of its six products with it: z = x W_down^T + b_down and
+// da = dy W_up (k = d, N x r outputs, where MKL is slow), and y = x + s * (a W_up^T +
+// b_up) and dx = dy + dz W_down (k = r). As ATen GEMMs the last two need R copied into
+// the output first and the GEMM accumulating into it: one more full pass over an N x d
 // tensor than the one R read and one out write this kernel makes.
 #pragma once
 
