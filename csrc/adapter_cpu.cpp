@@ -122,7 +122,8 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
       !activation_forward_avx512(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
     activation_out(a, z, act);
   if (widen) round_to(a, dt);
-  // y = R + s * b_up first (one pass), then the GEMM accumulates s * a @ W_up^T into it
+  // y = R + s * (a W_u^T + b_u) in one pass; on the ATen path R + s * b_u is written
+  // first and the GEMM accumulates s * a W_u^T into it
   const at::Tensor res = residual_is_x ? xa : (residual ? residual->to(acc) : at::Tensor());
   at::Tensor y = at::empty({n, d}, fopt);
   if (residual_gemm_out(y, a, wu_t, bu, res, scaling)) {

@@ -106,8 +106,7 @@ FA_AVX512 void micro_edge(int64_t mr, int64_t nv, __mmask16 tail, const float* A
 }
 
 // B as column blocks [ceil(d / 64)][k][64], zero past d, in a buffer kept per calling
-// thread: a fresh allocation per call changes where the large N x d tensors land on the
-// heap and, with glibc, whether freeing them returns their pages to the system.
+// thread (grown when needed), so that a call allocates nothing.
 const float* pack_b(const ResidualGemm& g) {
   static thread_local std::vector<float> packed;
   const int64_t blocks = (g.d + kNR - 1) / kNR;
