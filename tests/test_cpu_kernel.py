@@ -1,6 +1,6 @@
-"""The cpp backend's AVX-512 kernels (csrc/cpu_residual_gemm.cpp: the one-pass
-up-projection; csrc/cpu_activation.cpp: the passes over the bottleneck) and the ATen
-path they replace: both against float64 math on shapes that hit every edge of the 6 x 64
+"""The cpp backend's AVX-512 kernels (csrc/cpu_residual_gemm.cpp: z, dy W_up, y and dx
+with their epilogues; csrc/cpu_activation.cpp: the passes over the bottleneck) and the
+ATen path they replace: both against float64 math on shapes that hit every edge of the 6 x 64
 micro-tiles and the 16-lane vectors, every activation, and thread-count independence."""
 
 import re
@@ -42,8 +42,9 @@ def test_kernels_are_used_where_the_cpu_has_avx512(module):
     assert module.avx512_kernels() == [_cpu_has_avx512()] * 2
 
 
-# N around the 6-row micro-tile and 24-row task; d around the 64-column block and
-# 16-float vector; r from 1 up past 256; N=3000, d=100 splits into several tasks
+# N around the 6-row micro-tile and 24-row task; d and r around the 64-column block, the
+# 16-float vector and the 128-long k-block (d is k for z and dy W_up, r for y and dx);
+# N=3000, d=100 splits into several tasks
 SHAPES = [(1, 768, 64), (5, 64, 1), (7, 33, 3), (25, 100, 8), (97, 130, 17), (48, 16, 300), (3000, 100, 8), (513, 1024, 64)]
 
 
