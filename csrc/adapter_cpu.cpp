@@ -71,11 +71,11 @@ at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, Acti
 
 // out = res + s * (a @ b + c) by the one-pass kernel of cpu_residual_gemm.h, where b is a
 // [k, d] view with any strides; res and c may be undefined. False when it cannot run here
-// (no AVX-512, float64), and the caller takes the ATen path.
+// (no AVX-512, float64, a with strided columns), and the caller takes the ATen path.
 bool residual_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::Tensor res,
                        double s) {
-  if (out.scalar_type() != at::kFloat || !residual_gemm_available()) return false;
-  TORCH_INTERNAL_ASSERT(out.is_contiguous() && a.stride(1) == 1 && (!c.defined() || c.is_contiguous()));
+  if (out.scalar_type() != at::kFloat || a.stride(1) != 1 || !avx512_kernels_available()) return false;
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && (!c.defined() || c.is_contiguous()));
   if (res.defined() && res.stride(1) != 1) res = res.contiguous();
   ResidualGemm g{out.size(0), out.size(1), a.size(1),
                  a.data_ptr<float>(), a.stride(0),
@@ -110,7 +110,7 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   const at::Tensor bu = b_up ? b_up->to(acc).contiguous() : at::Tensor();
 
   const at::Tensor bd = b_down ? b_down->to(acc).contiguous() : at::Tensor();
-  if (xa.stride(1) == 1 && residual_gemm_out(z, xa, wd_t, bd, at::Tensor(), 1.0)) {
+  if (residual_gemm_out(z, xa, wd_t, bd, at::Tensor(), 1.0)) {
     // z = x W_d^T + b_d by the same kernel: MKL is slow at N x 64 outputs
   } else if (bd.defined()) {
     at::addmm_out(z, bd, xa, wd_t);
@@ -162,7 +162,7 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   if (need_dz) {
     const at::Tensor wu = operand(w_up, dt, acc);
     da = at::empty({n, r}, fopt);
-    if (g.stride(1) != 1 || !residual_gemm_out(da, g, wu, at::Tensor(), at::Tensor(), 1.0)) at::mm_out(da, g, wu);
+    if (!residual_gemm_out(da, g, wu, at::Tensor(), at::Tensor(), 1.0)) at::mm_out(da, g, wu);
   }
   at::Tensor a1, dz;  // [a | 1] for the dW_up GEMM; dz = s * da * act'(z)
   if (acc == at::kFloat && (need_dwu || need_dz)) {

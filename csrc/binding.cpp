@@ -16,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_forward_cpu", &fastadapter::adapter_forward_cpu);
   m.def("adapter_backward_cpu", &fastadapter::adapter_backward_cpu);
   m.def("avx512_kernels", []() {
-    return std::vector<bool>{fastadapter::residual_gemm_available(), fastadapter::activation_avx512_available()};
+    return std::vector<bool>{fastadapter::avx512_kernels_available(), fastadapter::activation_avx512_available()};
   }, "whether the cpp backend runs [the one-pass up-projection, the activation passes] with AVX-512 here");
   m.def("set_avx512_kernels_enabled", &fastadapter::set_avx512_kernels_enabled,
         "turn the cpp backend's AVX-512 kernels on or off (off: ATen ops); returns the previous setting");

@@ -37,9 +37,8 @@ constexpr int64_t kTileRows = 64;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
 
 bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && Sleef_expf16_u10 != nullptr &&
-                         Sleef_erff16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr;
-  return ok && avx512_kernels_enabled();
+  static const bool sleef = Sleef_expf16_u10 != nullptr && Sleef_erff16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr;
+  return sleef && avx512_kernels_available();
 }
 
 // act(z) and act'(z) for 16 lanes

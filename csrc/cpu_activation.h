@@ -8,8 +8,8 @@
 
 namespace fastadapter {
 
-// True when this CPU and torch build have what the passes need and the AVX-512 kernels
-// are enabled (set_avx512_kernels_enabled in cpu_residual_gemm.h).
+// True when avx512_kernels_available() (cpu_residual_gemm.h) and this torch build exports
+// the SLEEF functions the passes need.
 bool activation_avx512_available();
 
 // a[i, :r] = act(z[i, :r]) for i < n. Row strides ldz, lda.

@@ -184,7 +184,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
 
 }  // namespace
 
-bool residual_gemm_available() {
+bool avx512_kernels_available() {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   return g_enabled.load() && cpu_has_avx512();
 #else
@@ -194,10 +194,8 @@ bool residual_gemm_available() {
 
 bool set_avx512_kernels_enabled(bool enabled) { return g_enabled.exchange(enabled); }
 
-bool avx512_kernels_enabled() { return g_enabled.load(); }
-
 bool residual_gemm(const ResidualGemm& g) {
-  if (!residual_gemm_available() || g.k < 1) return false;
+  if (!avx512_kernels_available() || g.k < 1) return false;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;
   const float* packed = pack_b(g);

@@ -28,16 +28,16 @@ struct ResidualGemm {
   int64_t ldo;
 };
 
-// True when this CPU has the AVX-512 kernel and it is enabled.
-bool residual_gemm_available();
+// True when this CPU has AVX-512 and the cpp backend's AVX-512 kernels (this one and
+// cpu_activation.h) are enabled.
+bool avx512_kernels_available();
 
-// The cpp backend's AVX-512 kernels (this one and cpu_activation.h) are on unless turned
-// off here; off, the callers use ATen ops. Returns the previous setting.
+// The AVX-512 kernels are on unless turned off here; off, the callers use ATen ops.
+// Returns the previous setting.
 bool set_avx512_kernels_enabled(bool enabled);
-bool avx512_kernels_enabled();
 
 // Computes the product and returns true, or returns false without touching out when
-// residual_gemm_available() is false or k < 1.
+// avx512_kernels_available() is false or k < 1.
 bool residual_gemm(const ResidualGemm& g);
 
 }  // namespace fastadapter
