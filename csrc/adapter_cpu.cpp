@@ -8,9 +8,10 @@
 // cpu_activation.h, and the two weight-gradient reductions over N in MKL:
 //   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
-//   backward: da = dy W_u; one pass for [a | 1], dz = s * da * act'(z) and db_d;
-//             [dW_u | db_u] = s * [a | 1]^T dy (one GEMM: the ones column sums dy);
-//             dW_d = dz^T x; dx = dy + dz W_d in one pass over dx.
+//   backward: da = dy W_u; one pass for a and dz = s * da * act'(z);
+//             db_d = sum(dz); dW_u = s * dy^T a; db_u = s * sum(dy); dW_d = dz^T x
+//             (the reductions over N as the reference backend forms them);
+//             dx = dy + dz W_d in one pass over dx.
 // Elsewhere (no AVX-512, float64) the same steps run as ATen ops, y and dx formed by
 // writing R (or dy) first and letting the GEMM accumulate into it.
 // For fp32 x nothing of size N x d is written besides y (forward) and dx (backward);
@@ -164,53 +165,43 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     da = at::empty({n, r}, fopt);
     if (!residual_gemm_out(da, g, wu, at::Tensor(), at::Tensor(), 1.0)) at::mm_out(da, g, wu);
   }
-  at::Tensor a1, dz;  // [a | 1] for the dW_up GEMM; dz = s * da * act'(z)
+  at::Tensor a, dz;  // a = act(z) for dW_up; dz = s * da * act'(z)
   if (acc == at::kFloat && (need_dwu || need_dz)) {
-    // one AVX-512 pass over z and da for a, its ones column, dz (in place of da) and db_down
+    // one AVX-512 pass over z and da for a and dz (in place of da)
     const at::Tensor zc = z.stride(1) == 1 ? z : z.contiguous();
-    if (need_dwu) a1 = at::empty({n, r + 1}, fopt);
-    at::Tensor db_parts = need_dbd ? at::empty({activation_tiles(n), r}, fopt) : at::Tensor();
+    if (need_dwu) a = at::empty({n, r}, fopt);
     float* dap = need_dz ? da.data_ptr<float>() : nullptr;
     if (activation_backward_avx512(n, r, zc.data_ptr<float>(), zc.stride(0), dap, need_dz ? da.stride(0) : 0, activation,
-                                   static_cast<float>(scaling), need_dwu ? a1.data_ptr<float>() : nullptr,
-                                   need_dwu ? a1.stride(0) : 0, dap, need_dz ? da.stride(0) : 0,
-                                   need_dbd ? db_parts.data_ptr<float>() : nullptr)) {
+                                   static_cast<float>(scaling), need_dwu ? a.data_ptr<float>() : nullptr,
+                                   need_dwu ? a.stride(0) : 0, dap, need_dz ? da.stride(0) : 0)) {
       if (need_dz) dz = da;
-      if (need_dbd) dbd = db_parts.sum(0);  // tile partials added in tile order
-      if (need_dwu && widen) {
-        at::Tensor a = a1.narrow(1, 0, r);
-        round_to(a, dt);
-      }
     } else {
-      a1 = at::Tensor();
+      a = at::Tensor();
     }
   }
   if (need_dz && !dz.defined()) {
     dz = activation_backward(da, z, act);
     if (scaling != 1.0) dz.mul_(scaling);
-    if (need_dbd) dbd = dz.sum(0);
   }
+  // The reductions over N are formed as the reference backend (and eager autograd) forms
+  // them: bias gradients by ATen's sum, weight gradients by one GEMM in the same
+  // orientation. Their rounding then never depends on a BLAS path that only this
+  // backend takes (MKL sums a ones column of a GEMM, or a transposed product, in an
+  // order of its own, which on some CPUs loses several bits over a few thousand rows).
+  if (need_dbd) dbd = dz.sum(0);
   if (need_dz && widen) round_to(dz, dt);
-  if (need_dwu || need_dbu) {
-    // [dW_u | db_u] = s * dy^T [a | 1]: the ones column turns the bias sum into GEMM work
-    if (!a1.defined()) {
-      a1 = at::empty({n, r + 1}, fopt);
-      at::Tensor a = a1.narrow(1, 0, r);
-      if (need_dwu) {
-        at::Tensor tmp = at::empty({n, r}, fopt);  // some ATen activation out= kernels mishandle strided outputs
-        activation_out(tmp, z, act);
-        if (widen) round_to(tmp, dt);
-        a.copy_(tmp);
-      } else {
-        a.zero_();
-      }
-      a1.select(1, r).fill_(1);
+  if (need_dwu) {
+    if (!a.defined()) {
+      a = at::empty({n, r}, fopt);
+      activation_out(a, z, act);
     }
-    // computed as [a | 1]^T dy ([r + 1, d]): MKL runs this orientation faster here
-    at::Tensor out = at::mm((need_dwu ? a1 : a1.narrow(1, r, 1)).t(), g);
-    if (scaling != 1.0) out.mul_(scaling);
-    if (need_dwu) dwu = out.narrow(0, 0, r).t().contiguous();
-    if (need_dbu) dbu = out.select(0, out.size(0) - 1).clone();  // a fresh tensor, not a view of out
+    if (widen) round_to(a, dt);
+    dwu = at::mm(g.t(), a);  // [d, r]
+    if (scaling != 1.0) dwu.mul_(scaling);
+  }
+  if (need_dbu) {
+    dbu = g.sum(0);
+    if (scaling != 1.0) dbu.mul_(scaling);
   }
   if (need_dz) {
     if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);

@@ -32,7 +32,9 @@ FA_AVX512 __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
 namespace fastadapter {
 namespace {
 
-constexpr int64_t kTileRows = 64;
+constexpr int64_t kTileRows = 64;  // rows per parallel task
+
+int64_t tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
 
 #if FASTADAPTER_HAVE_AVX512_KERNEL
 
@@ -116,25 +118,20 @@ FA_AVX512 void forward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, i
 }
 
 FA_AVX512 void backward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
-                             Activation act, float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db) {
+                             Activation act, float s, float* a, int64_t lda, float* dz, int64_t lddz) {
   const __m512 vs = _mm512_set1_ps(s);
-  for (int64_t j = 0; j < r; j += 16) {
-    const __mmask16 m = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(r - j);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = i0; i < i1; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = 0; j < r; j += 16) {
+      const __mmask16 m = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(r - j);
       const __m512 zv = _mm512_maskz_loadu_ps(m, z + i * ldz + j);
-      const ActDeriv v = act_and_deriv(zv, act, a1 != nullptr, dz != nullptr);
-      if (a1) _mm512_mask_storeu_ps(a1 + i * lda1 + j, m, v.value);
+      const ActDeriv v = act_and_deriv(zv, act, a != nullptr, dz != nullptr);
+      if (a) _mm512_mask_storeu_ps(a + i * lda + j, m, v.value);
       if (dz) {
         const __m512 g = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, da + i * ldda + j), v.deriv), vs);
         _mm512_mask_storeu_ps(dz + i * lddz + j, m, g);
-        sum = _mm512_add_ps(sum, g);
       }
     }
-    if (db) _mm512_mask_storeu_ps(db + j, m, sum);
   }
-  if (a1)
-    for (int64_t i = i0; i < i1; ++i) a1[i * lda1 + r] = 1.0f;
 }
 
 #endif  // FASTADAPTER_HAVE_AVX512_KERNEL
@@ -149,12 +146,10 @@ bool activation_avx512_available() {
 #endif
 }
 
-int64_t activation_tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
-
 bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (!available()) return false;
-  at::parallel_for(0, activation_tiles(n), 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
     forward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, a, lda, static_cast<Activation>(act));
   });
   return true;
@@ -164,13 +159,12 @@ bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz
 }
 
 bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
-                                float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db_parts) {
+                                float s, float* a, int64_t lda, float* dz, int64_t lddz) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (!available()) return false;
-  at::parallel_for(0, activation_tiles(n), 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      backward_rows(t * kTileRows, std::min(n, (t + 1) * kTileRows), r, z, ldz, da, ldda, static_cast<Activation>(act), s,
-                    a1, lda1, dz, lddz, db_parts ? db_parts + t * r : nullptr);
+  at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
+    backward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda,
+                  dz, lddz);
   });
   return true;
 #else

@@ -16,16 +16,9 @@ bool activation_avx512_available();
 bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act);
 
 // One pass over the rows of z and da (= dy @ W_up):
-//   a1 (may be null):  a1[i, :r] = act(z[i, :r]), a1[i, r] = 1 (the ones column that
-//                      turns db_up into part of the dW_up GEMM);
-//   dz (may be null):  dz[i, :] = s * da[i, :] * act'(z[i, :]), in place when dz == da;
-//   db_parts (may be null, needs dz): row-tile partial sums of dz, [tiles(n), r],
-//                      for the caller to add in order (a sum that does not depend on
-//                      which thread took which tile).
+//   a (may be null):   a[i, :r] = act(z[i, :r]), for the dW_up GEMM;
+//   dz (may be null):  dz[i, :] = s * da[i, :] * act'(z[i, :]), in place when dz == da.
 bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
-                                float s, float* a1, int64_t lda1, float* dz, int64_t lddz, float* db_parts);
-
-// Rows per tile of activation_backward_avx512's db_parts.
-int64_t activation_tiles(int64_t n);
+                                float s, float* a, int64_t lda, float* dz, int64_t lddz);
 
 }  // namespace fastadapter

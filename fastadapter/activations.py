@@ -6,17 +6,11 @@ before the operator is called, so backends only ever see canonical names.
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 ALIASES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu", "linear": "identity"}
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = 0.044715
 
 
 def canonical_activation(name: str) -> str:
@@ -32,15 +26,15 @@ def canonical_activation(name: str) -> str:
 
 
 def act(z: torch.Tensor, name: str) -> torch.Tensor:
-    """act(z) for a canonical activation name, in z's dtype."""
+    """act(z) for a canonical activation name, in z's dtype: the ATen op an eager model runs."""
     if name == "relu":
         return torch.relu(z)
     if name == "gelu":
-        return 0.5 * z * (1.0 + torch.erf(z * _INV_SQRT_2))
+        return F.gelu(z)
     if name == "gelu_tanh":
-        return 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+        return F.gelu(z, approximate="tanh")
     if name == "silu":
-        return z * torch.sigmoid(z)
+        return F.silu(z)
     if name == "tanh":
         return torch.tanh(z)
     if name == "identity":
@@ -48,25 +42,21 @@ def act(z: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def act_grad(z: torch.Tensor, name: str) -> torch.Tensor:
-    """d act(z) / dz for a canonical activation name, in z's dtype."""
+def act_backward(grad: torch.Tensor, z: torch.Tensor, name: str) -> torch.Tensor:
+    """grad * act'(z) for a canonical activation name, by the ATen backward op that eager
+    autograd runs for it, so a backend that forms this product the same way rounds it the
+    same way. NaN in z passes like autograd's (relu: a NaN pre-activation keeps the gradient)."""
+    aten = torch.ops.aten
     if name == "relu":
-        # like torch.relu's backward: NaN in z passes the gradient on
-        return torch.where(z <= 0, 0.0, 1.0).to(z.dtype)
+        return aten.threshold_backward(grad, z, 0)
     if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
-        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        return cdf + z * pdf
+        return aten.gelu_backward(grad, z, approximate="none")
     if name == "gelu_tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
-        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+        return aten.gelu_backward(grad, z, approximate="tanh")
     if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
+        return aten.silu_backward(grad, z)
     if name == "tanh":
-        t = torch.tanh(z)
-        return 1.0 - t * t
+        return aten.tanh_backward(grad, torch.tanh(z))
     if name == "identity":
-        return torch.ones_like(z)
+        return grad
     raise ValueError(f"unknown activation {name!r}")

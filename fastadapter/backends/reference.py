@@ -5,14 +5,17 @@ x's dtype (fp32 weights are cast to it), products accumulated in fp32 (fp64 for
 float64 x), z kept in the accumulation dtype, the activation computed there, ``a``
 rounded to x's dtype before the up-projection (as an eager bf16 model would), and
 ``y = R + s * (a @ W_up.T + b_up)`` formed in fp32 and rounded once.
-The backward uses only x and z from the forward.
+The backward uses only x and z from the forward. Activations, their derivatives and the
+reductions over N (bias sums, weight-gradient GEMMs in autograd's orientation) are the
+ATen ops eager autograd runs, so the reference rounds as an eager model does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..activations import act, act_grad
+from ..activations import act, act_backward
 from . import Backend, register
 
 
@@ -28,13 +31,9 @@ def _operand(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Ten
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
-    z = xa @ _operand(w_down, x.dtype, acc).t()
-    if b_down is not None:
-        z = z + b_down.to(acc)
+    z = F.linear(xa, _operand(w_down, x.dtype, acc), None if b_down is None else b_down.to(acc))
     a = _operand(act(z, activation), x.dtype, acc)
-    u = a @ _operand(w_up, x.dtype, acc).t()
-    if b_up is not None:
-        u = u + b_up.to(acc)
+    u = F.linear(a, _operand(w_up, x.dtype, acc), None if b_up is None else b_up.to(acc))
     y = u * scaling
     if residual_is_x:
         y = y + xa
@@ -54,7 +53,7 @@ def backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual
     if need_db_up:
         db_up = g.sum(0) * scaling
     if need_dx or need_dw_down or need_db_down:
-        dz = (g @ _operand(w_up, x.dtype, acc)) * scaling * act_grad(z, activation)
+        dz = act_backward(g @ _operand(w_up, x.dtype, acc), z, activation) * scaling
         if need_db_down:
             db_down = dz.sum(0)
         dz = _operand(dz, x.dtype, acc)
