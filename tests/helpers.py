@@ -132,9 +132,12 @@ def fused(activation, scaling, backend):
     return fn
 
 
-def check_against_float64(backend, x, w_down, b_down, w_up, b_up, activation="gelu", scaling=0.75, residual=True):
+def check_against_float64(
+    backend, x, w_down, b_down, w_up, b_up, activation="gelu", scaling=0.75, residual=True, baseline="reference"
+):
     """Outputs and all five gradients of ``backend`` against float64 math; for non-reference
-    backends also against the reference backend's own error in the same dtype."""
+    backends also against a baseline's own error in the same dtype: the reference backend,
+    or (``baseline="eager"``) the same math as plain eager PyTorch modules with autograd."""
     dtype = x.dtype
     res = residual
     got = outputs_and_grads(fused(activation, scaling, backend), x, w_down, b_down, w_up, b_up, res)
@@ -143,7 +146,9 @@ def check_against_float64(backend, x, w_down, b_down, w_up, b_up, activation="ge
         lambda *a: float64_math(*a[:5], activation, scaling, a[5]), x, w_down, b_down, w_up, b_up, res64, to64=True
     )
     base = None
-    if backend != "reference":
+    if baseline == "eager":
+        base = outputs_and_grads(lambda *a: float64_math(*a[:5], activation, scaling, a[5]), x, w_down, b_down, w_up, b_up, res)
+    elif backend != "reference":
         base = outputs_and_grads(fused(activation, scaling, "reference"), x, w_down, b_down, w_up, b_up, res)
     for i, name in enumerate(GRAD_NAMES):
         if want[i] is None:
@@ -158,5 +163,5 @@ def check_against_float64(backend, x, w_down, b_down, w_up, b_up, activation="ge
         if base is not None:
             ref_err = rel_err(base[i], want[i])
             bound = max(2.0 * ref_err, FLOOR[dtype])
-            assert err <= bound, f"{backend} {name}: error {err:.3e} > 2x reference's {ref_err:.3e} ({dtype})"
+            assert err <= bound, f"{backend} {name}: error {err:.3e} > 2x {baseline}'s {ref_err:.3e} ({dtype})"
     return got
