@@ -64,14 +64,26 @@ def model_rows(data: dict):
                    f"{r['median_s'] / floor:.3f}x")  # fmt: skip
 
 
+def cpu_name(cpu: dict) -> str:
+    """Vendor, model as the OS reports it, family/model numbers and vector width: the
+    same brand string covers CPUs with and without AVX-512 (AMD EPYC Zen 3 and Zen 4)."""
+    flags = set(cpu.get("flags", []))
+    isa = "AVX-512" + (" + AMX" if "amx_tile" in flags else "") if "avx512f" in flags else "AVX2, no AVX-512"
+    if "avx2" not in flags and "avx512f" not in flags:
+        isa = "no AVX2"
+    return (
+        f"{cpu.get('brand_raw', '?')} ({cpu.get('vendor_id_raw', '?')} family {cpu.get('family', '?')} "
+        f"model {cpu.get('model', '?')}, {cpu.get('count', '?')} cores, {isa})"
+    )
+
+
 def table(paths) -> str:
     out = []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         mi = data.get("machine_info", {})
-        cpu = mi.get("cpu", {}).get("brand_raw", "")
-        out.append(f"Machine: {mi.get('node', '?')} {cpu} ({data.get('datetime', '')[:10]})\n")
+        out.append(f"Machine: {mi.get('node', '?')}, {cpu_name(mi.get('cpu', {}))} ({data.get('datetime', '')[:10]})\n")
         gpu = any(b["extra_info"]["device"] != "cpu" for b in data["benchmarks"])
         head = "| case | mode | provider | median ms | vs eager | vs compile | GB/s |" + (
             " % of copy |" if gpu else " page faults / call |"
