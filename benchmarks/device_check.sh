@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one GPU check: the GPU-marked tests, then the benchmark sweep, table printed last.
+# The one GPU check: the compile check's table, the GPU-marked tests, then the benchmark
+# sweep, table printed last.
 # Runs on a bare GPU machine that has torch, triton, pytest and pytest-benchmark
 # installed and no network, from a copy of the working tree:
 #     bash benchmarks/device_check.sh          # results in $OUT (default benchmarks/out)
-# Budget: tests <= 200 s, benchmarks <= 240 s.
+# Budget: compile check <= 240 s (about 30 s on 8 cores), tests <= 200 s, benchmarks <= 240 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -22,6 +23,11 @@ import fastadapter
 print("available_backends:", fastadapter.available_backends())
 PY
 
+echo "== compile check (every triton launch, sm_90, every config the pruners keep; no GPU needed)"
+timeout 240 python -m tests.gpu_compile tests.test_adapter --target 90 --jobs "$(( $(nproc) > 8 ? 8 : $(nproc) ))" \
+    --json "$OUT/compile.json" 2>&1 | tail -25 | tee "$OUT/compile.txt"
+compile_rc=${PIPESTATUS[0]}
+
 echo "== GPU tests"
 FASTADAPTER_AUTOTUNE=0 timeout 200 python -m pytest -q -m gpu tests/test_adapter.py tests/test_op.py tests/test_hf.py -p no:cacheprovider \
     --junitxml="$OUT/gpu-tests.xml" -o addopts="" -rfEs 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
@@ -32,7 +38,7 @@ FASTADAPTER_BENCH=${FASTADAPTER_BENCH:-sweep} timeout 240 python -m pytest -q be
     --benchmark-json="$OUT/gpu.json" -o addopts="" 2>&1 | tail -15
 bench_rc=${PIPESTATUS[0]}
 
-echo "== results (tests rc=$tests_rc, benchmarks rc=$bench_rc)"
+echo "== results (compile rc=$compile_rc, tests rc=$tests_rc, benchmarks rc=$bench_rc)"
 cat "$OUT/versions.txt"
 python benchmarks/report.py "$OUT/gpu.json" | tee "$OUT/gpu.md"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$compile_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

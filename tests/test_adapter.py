@@ -97,6 +97,18 @@ def test_odd_shapes_and_layouts(backend, device, lead, d, r, layout):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("r", (65, 130))
+def test_wide_bottleneck_half(backend, device, dtype, r):
+    """Half precision past one 64-column chunk of the Triton backward: its three-launch path
+    (dz stored by phase 1, dx and dW_down from it), over several programs' rows."""
+    require(backend, device, dtype, r)
+    n, d = (160, 40) if device == "cpu" else (4099, 768)
+    x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, device=device, seed=r)
+    check_against_float64(backend, x, wd, bd, wu, bu, "silu", scaling=0.5, residual=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("scaling", (0.0, -2.5, 4.0))
 def test_scaling(backend, device, scaling):
     require(backend, device)
@@ -186,3 +198,52 @@ def test_module_uses_backend(backend, device):
     ref = fa.FusedAdapter.from_linear(m.down, m.up, activation="gelu", backend="reference")
     x = torch.randn(2, 5, 48, device=device)
     assert rel_err(m(x), ref(x)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+
+
+def gpu_launches():
+    """(what, launch) for tests/gpu_compile.py: the triton backend's own launchers, run on
+    CPU tensors, for each activation, dtype (fp32 with and without TF32, fp16, bf16, fp32
+    weights with half x), residual mode, set of needed gradients (all; a frozen adapter:
+    dx only; x without grad: weights only; inference: forward only), bias or none, d not a
+    multiple of 16, and bottleneck sizes over every padded block size up to 256. Each
+    varies one thing from bf16 / gelu / residual x / bias / all gradients / r = 64 / d = 768."""
+    from fastadapter.backends.triton import MAX_BOTTLENECK
+    from fastadapter.kernels import adapter as kernels
+
+    base = dict(dtype=torch.bfloat16, wdtype=None, activation="gelu", residual="x", bias=True, needs=(1,) * 5, r=64, d=768)
+    cases = [dict(base)]
+    cases += [dict(base, activation=a) for a in kernels.ACT_IDS if a != base["activation"]]
+    cases += [dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True), dict(base, dtype=torch.float16)]
+    cases += [dict(base, wdtype=torch.float32)]
+    cases += [dict(base, residual=m) for m in ("none", "tensor")]
+    cases += [dict(base, bias=False), dict(base, d=100)]
+    cases += [dict(base, needs=(1, 0, 0, 0, 0)), dict(base, needs=(0, 1, 1, 1, 1)), dict(base, needs=None)]
+    cases += [dict(base, r=r) for r in (1, 24, 100, 128, 200, MAX_BOTTLENECK)]
+    cases += [dict(base, dtype=torch.float32, r=r) for r in (24, 100, 128)]
+    cases += [dict(base, dtype=torch.float32, tf32=True, r=100), dict(base, dtype=torch.float32, activation="gelu_tanh", r=128)]
+
+    def launch(case):
+        def run():
+            n, d, r, dtype = 512, case["d"], case["r"], case["dtype"]
+            x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, wdtype=case["wdtype"], bias=case["bias"])
+            res = {"x": None, "none": None, "tensor": torch.randn(n, d).to(dtype)}[case["residual"]]
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
+            try:
+                y, z = kernels.adapter_forward(x, wd, bd, wu, bu, res, case["activation"], 0.5, case["residual"] == "x")
+                if case["needs"] is not None:
+                    kernels.adapter_backward(
+                        y, x, z, wd, bd, wu, bu, case["activation"], 0.5, case["residual"] == "x", case["needs"], programs_max=132
+                    )
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+
+        return run
+
+    def name(case):
+        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
+
+    return [(name(c), launch(c)) for c in cases]

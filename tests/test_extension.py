@@ -3,6 +3,7 @@ toolchain falls back cleanly."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,11 +29,20 @@ def _nvcc():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
-def test_cuda_source_compiles(source, arch, tmp_path):
-    """Compile only: nothing CUDA runs without a GPU, but a broken .cu never lands."""
-    cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", "-O3", f"-I{CSRC}", str(CSRC / source), "-o", str(tmp_path / "k.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def test_cuda_source_compiles_without_spills(source, arch, tmp_path):
+    """Compile only: nothing CUDA runs without a GPU, but a broken .cu never lands, and
+    ptxas (-Xptxas -v) reports no stack frame and no spill for any kernel instance."""
+    cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", f"-I{CSRC}", str(CSRC / source)]
+    proc = subprocess.run([*cmd, "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    report = proc.stdout + proc.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", report)
+    usage = re.findall(r"Used (\d+) registers", report)
+    frames = [int(v) for v in re.findall(r"(\d+) bytes stack frame", report)]
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert kernels and len(usage) == len(kernels), report[-3000:]
+    print(f"{source} {arch}: {len(kernels)} kernel instances, {min(map(int, usage))}-{max(map(int, usage))} registers")
+    assert not any(frames) and not any(spills), report[-3000:]
 
 
 def test_activation_ids_agree_across_layers():
