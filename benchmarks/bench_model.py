@@ -1,6 +1,6 @@
 """One training step of the real MiniLM BERT (batch 16 x 128, fp32, CPU) with Houlsby adapters.
 
-Providers, timed side by side (benchmarks/timing.py):
+Providers, timed side by side (fastadapter/bench.py):
   floor        the same model with no adapters and the base frozen, backward still running
                through every layer (the embedding output requires grad): the work any
                adapter model does, minus the adapters
@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import fastadapter as fa
-
-from .timing import interleaved
+from fastadapter.bench import interleaved
 
 BATCH, SEQ, LABELS = 16, 128, 5
 

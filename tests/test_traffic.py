@@ -1,11 +1,11 @@
-"""benchmarks/traffic.py counts what it should: a kernel whose traffic is known by hand,
+"""fastadapter/traffic.py (benchmarks/traffic.py) counts what it should: a kernel whose traffic is known by hand,
 and eager ops whose bytes are known by hand."""
 
 import torch
 import triton
 import triton.language as tl
 
-from benchmarks import traffic
+from fastadapter import traffic
 
 
 @triton.jit

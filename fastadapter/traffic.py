@@ -1,0 +1,515 @@
+"""Bytes one adapter call moves, counted rather than guessed (KERNELS.md).
+
+    python -m fastadapter.traffic [--dtype bf16] [--d 768] [--r 64] [--n 512 1024 2048] [--at 32768] [--json FILE]
+
+(also ``python benchmarks/traffic.py``, and ``fastadapter bench --traffic``)
+
+Providers, for the forward and for forward+backward (residual x, gelu, scaling 1):
+
+- ``eager``: the unfused module a user writes (two Linear layers, the activation, the
+  residual add), counted per ATen op by a TorchDispatchMode: every op reads its tensor
+  inputs and writes its outputs; views are free.
+- ``compile``: ``torch.compile`` of the same module, counted by Inductor's own per-kernel
+  byte count (each generated kernel's buffer reads and writes, GEMMs included, from
+  ``GraphLowering.count_bytes``) of the graphs it compiles here. Inductor fuses the same
+  way for a GPU, but the count comes from this machine's (CPU) compile.
+- ``triton``: the fused Triton kernels run through the interpreter with every masked
+  load and store counted, element by element (masked-out elements are no traffic).
+  Launch choices that depend on the GPU (the backward's program count) are made for an
+  H200 (132 SMs).
+- ``cuda`` and ``cpp``: the C++/CUDA kernels from their loop structure (formulas below,
+  written from csrc/); ``cpp`` runs in fp32 on the CPU and is counted in fp32.
+
+Three figures each, in passes over an N x d tensor of x's dtype:
+``requested`` (everything asked for: an upper bound on DRAM traffic), ``distinct`` (each
+address once per launch: the floor if caches served every re-read) and ``model``: tensors
+with N rows count each address once per program that touches it (a program's re-read of
+its own tile is served by its cache; another program's read of it is not), weights,
+biases and partial sums once per launch. The interpreter is slow, so the counts are
+made at small N; the table shows that they grow linearly in N, and the figures at
+``--at`` come from the straight line through them. The default N are multiples of the
+rows each Triton backward program takes (512 at r = 64), so that the programs, and with
+them the weight-gradient partials, grow with N as they do up to the H200's 132 programs. The predicted time is the model's
+bytes over the H200's measured copy bandwidth (DESIGN.md, about 4.3 TB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+H200_SMS = 132
+H200_COPY_BYTES_PER_S = 4.3e12
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class Count:
+    """Bytes of one provider's forward or backward: requested, distinct, model."""
+
+    requested: float = 0.0
+    distinct: float = 0.0
+    model: float = 0.0
+
+    def __add__(self, other):
+        return Count(self.requested + other.requested, self.distinct + other.distinct, self.model + other.model)
+
+    def scaled(self, f: float) -> Count:
+        return Count(self.requested * f, self.distinct * f, self.model * f)
+
+
+# ----------------------------------------------------------------------------- Triton, under the interpreter
+
+
+@dataclasses.dataclass
+class _Launch:
+    kernel: str
+    ranges: list  # (start, end, name, element size, has N rows)
+    accesses: list = dataclasses.field(default_factory=list)  # (program, addresses, element size)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [start, end) a (possibly strided) tensor view can touch."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+class TritonCounter:
+    """Counts the loads and stores of every Triton kernel launched under the interpreter,
+    and (``aten``) the ATen ops the launchers run around them, such as the sums of the
+    partials (the interpreter's own bookkeeping inside a launch is not counted)."""
+
+    def __init__(self, per_launch=()):
+        self.launches: list[_Launch] = []
+        self.aten = EagerCounter()
+        # tensors counted once per launch whatever their shape (the weights and biases); other
+        # tensors whose first dimension is the kernel's N argument have N rows
+        self.per_launch = {t.data_ptr() for t in per_launch if t is not None}
+
+    @contextlib.contextmanager
+    def counting(self):
+        import inspect
+
+        from triton.runtime import interpreter
+
+        executor, builder = interpreter.GridExecutor, interpreter.InterpreterBuilder
+        saved = (executor.__call__, builder.create_masked_load, builder.create_masked_store)
+        launches = self.launches
+
+        def call(ex, *args, **kwargs):
+            bound = inspect.signature(ex.fn).bind_partial(*args, **{k: v for k, v in kwargs.items() if k in ex.arg_names})
+            n = bound.arguments.get("N")
+            ranges = []
+            for name, value in bound.arguments.items():
+                if isinstance(value, torch.Tensor):
+                    start, end = _span(value)
+                    n_rows = value.dim() >= 1 and value.shape[0] == n and value.data_ptr() not in self.per_launch
+                    ranges.append((start, end, name, value.element_size(), n_rows))
+            launches.append(_Launch(ex.fn.__name__, ranges))
+            self.aten.paused += 1
+            try:
+                return saved[0](ex, *args, **kwargs)
+            finally:
+                self.aten.paused -= 1
+
+        import numpy as np
+
+        def record(b, ptrs, mask):
+            addresses = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel().astype(np.uint64)
+            size = ptrs.get_element_ty().primitive_bitwidth // 8
+            launches[-1].accesses.append((b.grid_idx, addresses, size))
+
+        def load(b, ptrs, mask, other, *rest):
+            record(b, ptrs, mask)
+            return saved[1](b, ptrs, mask, other, *rest)
+
+        def store(b, ptrs, value, mask, *rest):
+            record(b, ptrs, mask)
+            return saved[2](b, ptrs, value, mask, *rest)
+
+        executor.__call__, builder.create_masked_load, builder.create_masked_store = call, load, store
+        try:
+            with self.aten:
+                yield self
+        finally:
+            executor.__call__, builder.create_masked_load, builder.create_masked_store = saved
+
+    def count(self) -> Count:
+        total = Count(self.aten.bytes, self.aten.bytes, self.aten.bytes)
+        for launch in self.launches:
+            total = total + _count_launch(launch)
+        return total
+
+
+def _count_launch(launch: _Launch) -> Count:
+    import numpy as np
+
+    starts = np.array([r[0] for r in launch.ranges], dtype=np.uint64)
+    order = np.argsort(starts)
+    requested = 0.0
+    per_launch: dict[int, list] = defaultdict(list)  # range index -> address arrays
+    per_program: dict[tuple, list] = defaultdict(list)  # (range index, program) -> address arrays
+    for program, addresses, size in launch.accesses:
+        if addresses.size == 0:
+            continue
+        requested += addresses.size * size
+        slot = np.searchsorted(starts[order], addresses, side="right") - 1
+        for j in np.unique(slot):
+            idx = int(order[j])
+            start, end, name, _, _ = launch.ranges[idx]
+            mine = addresses[slot == j]
+            if mine.min() < start or mine.max() >= end:
+                raise RuntimeError(f"{launch.kernel}: an access outside {name}'s range")
+            per_launch[idx].append(mine)
+            per_program[(idx, program)].append(mine)
+    distinct = model = 0.0
+    for idx, arrays in per_launch.items():
+        size, has_n_rows = launch.ranges[idx][3], launch.ranges[idx][4]
+        d = np.unique(np.concatenate(arrays)).size * size
+        distinct += d
+        if not has_n_rows:
+            model += d
+    for (idx, _), arrays in per_program.items():
+        size, has_n_rows = launch.ranges[idx][3], launch.ranges[idx][4]
+        if has_n_rows:
+            model += np.unique(np.concatenate(arrays)).size * size
+    return Count(requested, distinct, model)
+
+
+def count_triton(n, d, r, dtype, backward: bool, seed=0) -> tuple[Count, Count]:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 before triton is imported: "
+                           "run python -m fastadapter.traffic")  # fmt: skip
+    from fastadapter.kernels import adapter as kernels
+
+    x, wd, bd, wu, bu = _inputs(n, d, r, dtype, seed)
+    fwd = TritonCounter(per_launch=(wd, bd, wu, bu))
+    with fwd.counting():
+        y, z = kernels.adapter_forward(x, wd, bd, wu, bu, None, "gelu", 1.0, True)
+    bwd = TritonCounter(per_launch=(wd, bd, wu, bu))
+    if backward:
+        dy = torch.randn_like(y)
+        with bwd.counting():
+            kernels.adapter_backward(dy, x, z, wd, bd, wu, bu, "gelu", 1.0, True, [True] * 5, H200_SMS)
+    return fwd.count(), bwd.count()
+
+
+# ----------------------------------------------------------------------------- eager PyTorch, per ATen op
+
+
+class EagerCounter(TorchDispatchMode):
+    """Each ATen op reads its tensor inputs and writes its tensor outputs; views are free."""
+
+    FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_noop"}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0.0
+        self.ops: list[tuple[str, float]] = []
+        self.paused = 0  # > 0: inside a Triton launch, whose traffic the interpreter counter has
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if self.paused or func.is_view or name in self.FREE:
+            return out
+        moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs)))
+        moved += sum(t.numel() * t.element_size() for t in _tensors(out))
+        self.bytes += moved
+        self.ops.append((name, moved))
+        return out
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _tensors(t)
+    elif isinstance(tree, dict):
+        for t in tree.values():
+            yield from _tensors(t)
+
+
+def eager_adapter(x, w_down, b_down, w_up, b_up, scaling=1.0):
+    """What a user writes by hand: down, activation, up, (scaling,) residual add."""
+    u = F.linear(F.gelu(F.linear(x, w_down, b_down)), w_up, b_up)
+    if scaling != 1.0:
+        u = u * scaling
+    return x + u
+
+
+def _count_module(fn, n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
+    params = [t.requires_grad_() for t in _inputs(n, d, r, dtype)]
+    dy = torch.randn(n, d).to(dtype)
+    fwd = EagerCounter()
+    with fwd:
+        y = fn(*params)
+    bwd = EagerCounter()
+    if backward:
+        with bwd:
+            torch.autograd.grad(y, params, dy)
+    # per op, every input and output once: requested = distinct-per-op = model
+    return Count(fwd.bytes, fwd.bytes, fwd.bytes), Count(bwd.bytes, bwd.bytes, bwd.bytes)
+
+
+def count_eager(n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
+    return _count_module(eager_adapter, n, d, r, dtype, backward)
+
+
+# ----------------------------------------------------------------------------- torch.compile, by Inductor's own count
+
+
+def count_compile(n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
+    """Inductor's per-kernel byte count (``GraphLowering.count_bytes``: every generated kernel's
+    buffer reads and writes, GEMMs included) of the forward and backward graphs it compiles
+    for these shapes, each graph compiled afresh (no cache)."""
+    from torch._inductor import config
+    from torch._inductor.graph import GraphLowering
+
+    counted = {False: 0, True: 0}  # is_backward -> bytes
+    original = GraphLowering.count_bytes
+
+    def count_bytes(self):
+        out = original(self)
+        counted[bool(self.is_backward)] += out[0]
+        return out
+
+    torch._dynamo.reset()
+    GraphLowering.count_bytes = count_bytes
+    try:
+        with config.patch(fx_graph_cache=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # count_bytes runs where Inductor logs its metrics
+            from torch._inductor import compile_fx
+
+            log = compile_fx.inductor_metrics_log
+            level, propagate = log.level, log.propagate
+            log.setLevel(logging.INFO)
+            log.propagate = False
+            try:
+                fn = torch.compile(eager_adapter, dynamic=False)
+                params = [t.requires_grad_(backward) for t in _inputs(n, d, r, dtype)]
+                y = fn(*params)
+                if backward:
+                    torch.autograd.grad(y, params, torch.randn(n, d).to(dtype))
+            finally:
+                log.setLevel(level)
+                log.propagate = propagate
+    finally:
+        GraphLowering.count_bytes = original
+        torch._dynamo.reset()
+    fwd, bwd = counted[False], counted[True]
+    return Count(fwd, fwd, fwd), Count(bwd, bwd, bwd)
+
+
+# ----------------------------------------------------------------------------- C++/CUDA, from the loop structure
+
+
+def count_cuda(n, d, r, dtype) -> tuple[Count, Count]:
+    """csrc/adapter_cuda.cu at sm_90 with 132 SMs: forward per block of 16 rows (x staged
+    through shared memory once, the residual re-read of the block's own rows, fp32 z and y
+    written); backward a dz kernel per 16 rows (dy and z read, fp32 dz written) and a grad
+    kernel over (row groups x 256-column blocks) in which every column block re-reads z and
+    dz of its rows, and every group writes fp32 partials of dW_down, dW_up and db_up."""
+    e, w = torch.finfo(dtype).bits // 8, 4 if dtype == torch.float32 else torch.finfo(dtype).bits // 8
+    weights = 2 * d * r * w + (d + r) * w
+    col_blocks = -(-d // 256)
+    groups = max(1, min(n, -(-4 * H200_SMS // col_blocks)))
+    groups = -(-n // -(-n // groups))
+    x = y = dy = dx = n * d * e
+    z = dz = n * r * 4
+    # requested: the forward's x read twice (GEMM and residual); the grad kernel reads x
+    # and dy once per 32-wide chunk of r (r / 32 passes over its rows) and z, dz per column block
+    chunks = -(-r // 32)
+    fwd_model = x + y + z + weights
+    fwd_req = 2 * x + y + z + weights * -(-n // 16)
+    partials = groups * (2 * d * r + d) * 4
+    bwd_model = (dy + z + dz) + (dy + x + dx + col_blocks * (z + dz)) + 2 * weights + 2 * partials
+    bwd_req = (dy + z + dz + weights * -(-n // 16)) + (chunks * (dy + x) + dy + dx + col_blocks * chunks * (z + dz))
+    bwd_req += weights * groups + 2 * partials
+    bwd_distinct = dy + z + dz + x + dx + 2 * weights + 2 * partials
+    return Count(fwd_req, x + y + z + weights, fwd_model), Count(bwd_req, bwd_distinct, bwd_model)
+
+
+def count_cpp(n, d, r) -> tuple[Count, Count]:
+    """csrc/adapter_cpu.cpp in fp32 on an AVX-512 CPU, one op or kernel at a time: forward
+    z = x W_d^T + b_d (x read), a = act(z), y = x + s (a W_u^T + b_u) (x read, y written);
+    backward da = dy W_u (dy read), one pass for a and dz, dW_u = dy^T a (dy read),
+    db_u = sum(dy) (dy read), db_d = sum(dz), dW_d = dz^T x (x read), dx = dy + dz W_d
+    (dy read, dx written). Each of these is counted as one pass over its operands (the
+    cache-blocked GEMMs re-read their small operand from cache)."""
+    big, small, weight = n * d * 4, n * r * 4, d * r * 4
+    fwd = (big + small + weight) + (2 * small) + (small + big + weight + big)
+    bwd = (
+        (big + small + weight)
+        + (3 * small)
+        + (big + small + weight)
+        + big
+        + small
+        + (small + big + weight)
+        + (small + big + weight + big)
+    )
+    return Count(fwd, fwd, fwd), Count(bwd, bwd, bwd)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _inputs(n, d, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    wd = (torch.randn(r, d, generator=g) / d**0.5).to(dtype)
+    bd = (0.1 * torch.randn(r, generator=g)).to(dtype)
+    wu = (torch.randn(d, r, generator=g) / r**0.5).to(dtype)
+    bu = (0.1 * torch.randn(d, generator=g)).to(dtype)
+    return x, wd, bd, wu, bu
+
+
+FORMULAS = ("cuda", "cpp")  # evaluated at the reported N itself
+
+
+def measure(ns, d, r, dtype, providers, at) -> dict:
+    """{provider: {n: (forward Count, backward Count)}} in bytes; formula providers at ``at`` only."""
+    out: dict[str, dict[int, tuple[Count, Count]]] = {}
+    for p in providers:
+        out[p] = {}
+        for n in [at] if p in FORMULAS else ns:
+            if p == "eager":
+                out[p][n] = count_eager(n, d, r, dtype, True)
+            elif p == "compile":
+                out[p][n] = count_compile(n, d, r, dtype, True)
+            elif p == "triton":
+                out[p][n] = count_triton(n, d, r, dtype, True)
+            elif p == "cuda":
+                out[p][n] = count_cuda(n, d, r, dtype)
+            elif p == "cpp":
+                out[p][n] = count_cpp(n, d, r)
+    return out
+
+
+def _fit(ns, values):
+    """Least-squares line a*n + b through (n, value); returns (a, b, worst relative residual)."""
+    import numpy as np
+
+    a, b = np.polyfit(np.array(ns, dtype=float), np.array(values, dtype=float), 1)
+    resid = max(abs(a * n + b - v) / max(abs(v), 1.0) for n, v in zip(ns, values))
+    return a, b, resid
+
+
+def extrapolate(counts: dict[int, tuple[Count, Count]], at: int) -> tuple[Count, Count, float]:
+    ns = sorted(counts)
+    if ns == [at]:
+        return counts[at][0], counts[at][1], 0.0
+    result = []
+    worst = 0.0
+    for part in (0, 1):
+        fields = {}
+        for f in ("requested", "distinct", "model"):
+            vals = [getattr(counts[n][part], f) for n in ns]
+            if len(ns) == 1:
+                fields[f] = vals[0] * at / ns[0]
+                continue
+            a, b, resid = _fit(ns, vals)
+            worst = max(worst, resid)
+            fields[f] = a * at + b
+        result.append(Count(**fields))
+    return result[0], result[1], worst
+
+
+def table(results: dict, d: int, r: int, dtype: torch.dtype, at: int) -> str:
+    e = torch.finfo(dtype).bits // 8
+    lines = [
+        f"Passes over an N x d tensor ({str(dtype).replace('torch.', '')}, d={d}, r={r}, gelu, residual x), "
+        f"at N={at}: counted providers from the line through their counts at N="
+        f"{', '.join(str(n) for n in sorted(next(c for p, c in results.items() if p not in FORMULAS)))}, formulas at N={at}; "
+        f"predicted time: model bytes / {H200_COPY_BYTES_PER_S / 1e12:.1f} TB/s (H200 copy).",
+        "",
+        "| provider | fwd requested | fwd distinct | fwd model | bwd requested | bwd distinct | bwd model | "
+        "fwd+bwd model | vs eager (model) | predicted fwd+bwd us | linear fit worst residual |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    eager_total = None
+    rows = []
+    for p, counts in results.items():
+        fwd, bwd, resid = extrapolate(counts, at)
+        ee = 4 if p == "cpp" else e
+        unit = at * d * ee
+        total = (fwd.model + bwd.model) / unit
+        if p == "eager":
+            eager_total = total
+        rows.append((p, fwd, bwd, unit, total, resid))
+    for p, fwd, bwd, unit, total, resid in rows:
+        ratio = f"{total / eager_total:.2f}x" if eager_total and p != "cpp" else ("(fp32)" if p == "cpp" else "")
+        us = (fwd.model + bwd.model) / H200_COPY_BYTES_PER_S * 1e6
+        lines.append(
+            f"| {p} | {fwd.requested / unit:.2f} | {fwd.distinct / unit:.2f} | {fwd.model / unit:.2f} | "
+            f"{bwd.requested / unit:.2f} | {bwd.distinct / unit:.2f} | {bwd.model / unit:.2f} | {total:.2f} | {ratio} | "
+            f"{'' if p == 'cpp' else f'{us:.1f}'} | {resid:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def per_n_table(results: dict, d: int, dtype: torch.dtype) -> str:
+    e = torch.finfo(dtype).bits // 8
+    lines = ["| provider | N | fwd model | bwd model | fwd+bwd model |", "|---|---|---|---|---|"]
+    for p, counts in results.items():
+        for n, (fwd, bwd) in sorted(counts.items()):
+            unit = n * d * (4 if p == "cpp" else e)
+            lines.append(
+                f"| {p} | {n} | {fwd.model / unit:.3f} | {bwd.model / unit:.3f} | {(fwd.model + bwd.model) / unit:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def summary(results: dict, d: int, r: int, dtype: torch.dtype, at: int) -> dict:
+    """Passes over N x d by the model at ``at``, per provider: what ``fastadapter bench`` plots."""
+    e = torch.finfo(dtype).bits // 8
+    out = {"d": d, "r": r, "N": at, "dtype": str(dtype).replace("torch.", ""), "passes": {}}
+    for p, counts in results.items():
+        fwd, bwd, _ = extrapolate(counts, at)
+        unit = at * d * (4 if p == "cpp" else e)
+        out["passes"][p] = {"fwd": fwd.model / unit, "bwd": bwd.model / unit}
+    return out
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: counts run under its interpreter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--at", type=int, default=32768, help="N of the reported figures (DESIGN.md's H200 shape)")
+    p.add_argument("--providers", nargs="+", default=["eager", "compile", "triton", "cuda", "cpp"])
+    p.add_argument("--json", help="write the raw counts here")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    results = measure(args.n, args.d, args.r, dtype, args.providers, args.at)
+    print(table(results, args.d, args.r, dtype, args.at))
+    print()
+    print(per_n_table(results, args.d, dtype))
+    if args.json:
+        raw = {p: {n: [dataclasses.asdict(c) for c in v] for n, v in c.items()} for p, c in results.items()}
+        with open(args.json, "w") as f:
+            doc = {"d": args.d, "r": args.r, "dtype": args.dtype, "counts": raw}
+            doc["summary"] = summary(results, args.d, args.r, dtype, args.at)
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
