@@ -20,6 +20,7 @@ from .hf import (
 )
 from .modules import FusedAdapter
 from .ops.adapter import fused_adapter
+from .ops.adapter_layernorm import adapter_layernorm
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "active_adapter",
     "adapter_configs",
+    "adapter_layernorm",
     "adapter_state_dict",
     "add_adapters",
     "available_backends",

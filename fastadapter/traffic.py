@@ -274,10 +274,16 @@ def count_eager(n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
 
 
 def count_compile(n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
-    """Inductor's per-kernel byte count (``GraphLowering.count_bytes``: every generated kernel's
-    buffer reads and writes, GEMMs included) of the forward and backward graphs it compiles
-    for these shapes, each graph compiled afresh (no cache)."""
-    from torch._inductor import config
+    """Inductor's per-kernel byte count of the forward and backward graphs it compiles for
+    these shapes (see ``_inductor_count``)."""
+    return _inductor_count(eager_adapter, _inputs(n, d, r, dtype), trainable=5 if backward else 0)
+
+
+def _inductor_count(fn, tensors, trainable: int) -> tuple[Count, Count]:
+    """``GraphLowering.count_bytes`` (every generated kernel's buffer reads and writes, GEMMs
+    included) summed over the forward and the backward graphs of ``torch.compile(fn)``, each
+    graph compiled afresh (no cache); the first ``trainable`` tensors require grad."""
+    from torch._inductor import compile_fx, config
     from torch._inductor.graph import GraphLowering
 
     counted = {False: 0, True: 0}  # is_backward -> bytes
@@ -290,27 +296,22 @@ def count_compile(n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
 
     torch._dynamo.reset()
     GraphLowering.count_bytes = count_bytes
+    log = compile_fx.inductor_metrics_log  # count_bytes runs where Inductor logs its metrics
+    level, propagate = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         with config.patch(fx_graph_cache=False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # count_bytes runs where Inductor logs its metrics
-            from torch._inductor import compile_fx
-
-            log = compile_fx.inductor_metrics_log
-            level, propagate = log.level, log.propagate
-            log.setLevel(logging.INFO)
-            log.propagate = False
-            try:
-                fn = torch.compile(eager_adapter, dynamic=False)
-                params = [t.requires_grad_(backward) for t in _inputs(n, d, r, dtype)]
-                y = fn(*params)
-                if backward:
-                    torch.autograd.grad(y, params, torch.randn(n, d).to(dtype))
-            finally:
-                log.setLevel(level)
-                log.propagate = propagate
+            for i, t in enumerate(tensors):
+                t.requires_grad_(i < trainable)
+            out = torch.compile(fn, dynamic=False)(*tensors)
+            if trainable:
+                torch.autograd.grad(out, tensors[:trainable], torch.randn_like(out))
     finally:
         GraphLowering.count_bytes = original
+        log.setLevel(level)
+        log.propagate = propagate
         torch._dynamo.reset()
     fwd, bwd = counted[False], counted[True]
     return Count(fwd, fwd, fwd), Count(bwd, bwd, bwd)
@@ -382,13 +383,79 @@ def _inputs(n, d, r, dtype, seed=0):
 FORMULAS = ("cuda", "cpp")  # evaluated at the reported N itself
 
 
-def measure(ns, d, r, dtype, providers, at) -> dict:
+# ----------------------------------------------------------------------------- the adapter site (adapter_layernorm)
+
+SITE_EPS = 1e-12
+
+
+def eager_site(h, r, w_down, b_down, w_up, b_up, ln_w, ln_b):
+    """The houlsby site as a user writes it: the adapter, the residual adds, F.layer_norm."""
+    return F.layer_norm(h + F.linear(F.gelu(F.linear(h, w_down, b_down)), w_up, b_up) + r, (h.shape[-1],), ln_w, ln_b, SITE_EPS)
+
+
+def _site_inputs(n, d, r, dtype, seed=0):
+    x, wd, bd, wu, bu = _inputs(n, d, r, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    res = torch.randn(n, d, generator=g).to(dtype)
+    ln_w = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    ln_b = (0.1 * torch.randn(d, generator=g)).to(dtype)
+    return x, res, wd, bd, wu, bu, ln_w, ln_b
+
+
+def _count_site(fn, n, d, r, dtype, counter) -> tuple[Count, Count]:
+    """fn(h, r, weights..., ln weights) forward and backward (h, r and the adapter train; the
+    LayerNorm is frozen, as in a base model) under ``counter()``, a TritonCounter or EagerCounter."""
+    ts = _site_inputs(n, d, r, dtype)
+    for t in ts[:6]:
+        t.requires_grad_()
+    dout = torch.randn(n, d).to(dtype)
+    per_launch = ts[2:]
+    fwd = counter(per_launch)
+    with fwd.counting() if isinstance(fwd, TritonCounter) else fwd:
+        out = fn(*ts)
+    bwd = counter(per_launch)
+    with bwd.counting() if isinstance(bwd, TritonCounter) else bwd:
+        torch.autograd.grad(out, ts[:6], dout)
+    if isinstance(fwd, TritonCounter):
+        return fwd.count(), bwd.count()
+    return Count(fwd.bytes, fwd.bytes, fwd.bytes), Count(bwd.bytes, bwd.bytes, bwd.bytes)
+
+
+def count_site(provider: str, n, d, r, dtype) -> tuple[Count, Count]:
+    """One houlsby site (gelu, residual, LayerNorm), forward and backward, for ``provider``:
+    eager (the composition, per ATen op), op+add+ln (the Triton adapter op, then the add and
+    F.layer_norm as ATen ops) or triton (fastadapter.adapter_layernorm's Triton kernels)."""
+    import fastadapter as fa
+
+    if provider == "eager":
+        return _count_site(eager_site, n, d, r, dtype, lambda _: EagerCounter())
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 before triton is imported")
+
+    def op_add_ln(h, res, wd, bd, wu, bu, lw, lb):
+        y = fa.fused_adapter(h, wd, bd, wu, bu, activation="gelu", backend="triton")
+        return F.layer_norm(y + res, (h.shape[-1],), lw, lb, SITE_EPS)
+
+    def site(*t):
+        return fa.adapter_layernorm(*t, placement="houlsby", eps=SITE_EPS, activation="gelu", backend="triton")
+
+    fn = {"op+add+ln": op_add_ln, "triton": site}[provider]
+    return _count_site(fn, n, d, r, dtype, lambda per_launch: TritonCounter(per_launch=per_launch))
+
+
+def count_site_compile(n, d, r, dtype) -> tuple[Count, Count]:
+    return _inductor_count(eager_site, _site_inputs(n, d, r, dtype), trainable=6)
+
+
+def measure(ns, d, r, dtype, providers, at, op: str = "adapter") -> dict:
     """{provider: {n: (forward Count, backward Count)}} in bytes; formula providers at ``at`` only."""
     out: dict[str, dict[int, tuple[Count, Count]]] = {}
     for p in providers:
         out[p] = {}
         for n in [at] if p in FORMULAS else ns:
-            if p == "eager":
+            if op == "adapter_layernorm":
+                out[p][n] = count_site_compile(n, d, r, dtype) if p == "compile" else count_site(p, n, d, r, dtype)
+            elif p == "eager":
                 out[p][n] = count_eager(n, d, r, dtype, True)
             elif p == "compile":
                 out[p][n] = count_compile(n, d, r, dtype, True)
@@ -430,10 +497,10 @@ def extrapolate(counts: dict[int, tuple[Count, Count]], at: int) -> tuple[Count,
     return result[0], result[1], worst
 
 
-def table(results: dict, d: int, r: int, dtype: torch.dtype, at: int) -> str:
+def table(results: dict, d: int, r: int, dtype: torch.dtype, at: int, what: str = "gelu, residual x") -> str:
     e = torch.finfo(dtype).bits // 8
     lines = [
-        f"Passes over an N x d tensor ({str(dtype).replace('torch.', '')}, d={d}, r={r}, gelu, residual x), "
+        f"Passes over an N x d tensor ({str(dtype).replace('torch.', '')}, d={d}, r={r}, {what}), "
         f"at N={at}: counted providers from the line through their counts at N="
         f"{', '.join(str(n) for n in sorted(next(c for p, c in results.items() if p not in FORMULAS)))}, formulas at N={at}; "
         f"predicted time: model bytes / {H200_COPY_BYTES_PER_S / 1e12:.1f} TB/s (H200 copy).",
@@ -494,12 +561,19 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--at", type=int, default=32768, help="N of the reported figures (DESIGN.md's H200 shape)")
-    p.add_argument("--providers", nargs="+", default=["eager", "compile", "triton", "cuda", "cpp"])
+    p.add_argument("--op", default="adapter", choices=["adapter", "adapter_layernorm"],
+                   help="adapter_layernorm: one houlsby site (adapter, residual, LayerNorm; the LayerNorm frozen)")  # fmt: skip
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="default: eager compile triton cuda cpp; for the site eager compile op+add+ln triton")  # fmt: skip
     p.add_argument("--json", help="write the raw counts here")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
-    results = measure(args.n, args.d, args.r, dtype, args.providers, args.at)
-    print(table(results, args.d, args.r, dtype, args.at))
+    providers = args.providers or (
+        ["eager", "compile", "triton", "cuda", "cpp"] if args.op == "adapter" else ["eager", "compile", "op+add+ln", "triton"]
+    )
+    results = measure(args.n, args.d, args.r, dtype, providers, args.at, args.op)
+    what = "gelu, residual x" if args.op == "adapter" else "one houlsby site: gelu adapter, residual, frozen LayerNorm"
+    print(table(results, args.d, args.r, dtype, args.at, what))
     print()
     print(per_n_table(results, args.d, dtype))
     if args.json:

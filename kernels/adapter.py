@@ -374,6 +374,7 @@ _BWD_CONFIGS = {
     ("ieee", "dwd"): [(32, 16, 4, 2)],
 }
 MAX_BLOCK_M = 128  # every BLOCK_M above divides it
+MAXNREG = 255
 MAX_BLOCK_K = 128  # the largest BLOCK_K
 
 
@@ -381,7 +382,9 @@ def _configs(tables):
     if INTERPRET:  # the interpreter cannot autotune: one configuration
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4)]
     union = dict.fromkeys(c for table in tables.values() for c in table)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in union]
+    # maxnreg: without an explicit limit ptxas caps some of these kernels at 128 registers a
+    # thread and spills; with it, it uses what it needs (still within the 255 of one thread)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s, maxnreg=MAXNREG) for m, k, w, s in union]
 
 
 def _kind(dtype: torch.dtype, precision: str) -> str:

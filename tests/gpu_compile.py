@@ -41,7 +41,7 @@ class Row:
     target: int
     config: str  # the autotuning config: BLOCK_* values, warps, stages
     constexprs: str  # the launch's other compile-time arguments
-    tensor_core_expected: bool  # a product in fp16/bf16, or fp32 with TF32
+    tensor_core_expected: bool  # a product (tt.dot) in fp16/bf16, or in fp32 with TF32
     error: Optional[str] = None
     registers: Optional[int] = None
     stack: Optional[int] = None
@@ -146,6 +146,7 @@ def compiling(target: int, rows: list[Row], note: str):
         try:
             kernel = run(fn, *args, **{**kwargs, **extra, "warmup": True})
             row.__dict__["_cubin"] = kernel.asm["cubin"]
+            row.tensor_core_expected = expects_tensor_cores(kernel.asm["ttir"])
         except Exception as exc:  # a compile error is a result, not a crash
             lines = [line for line in str(exc).splitlines() if line.strip()]
             row.error = f"{type(exc).__name__}: {' '.join(lines[-3:])[:400]}"
@@ -172,6 +173,22 @@ def compiling(target: int, rows: list[Row], note: str):
         yield
     finally:
         Autotuner.run, JITFunction.run, driver._active = saved
+
+
+def expects_tensor_cores(ttir: str) -> bool:
+    """Whether the kernel has a product that belongs on tensor cores: a tt.dot of fp16/bf16
+    operands, or of fp32 operands at TF32 precision (IEEE fp32 products run on CUDA cores)."""
+    for line in ttir.splitlines():
+        if "tt.dot " not in line:
+            continue
+        m = re.search(r"tt\.dot .*?:\s*tensor<[\dx]*x(\w+)>", line)
+        if m is None:
+            continue
+        elem = m.group(1)
+        precision = re.search(r"inputPrecision\s*=\s*(\w+)", line)
+        if elem in ("bf16", "f16") or (elem == "f32" and precision is not None and precision.group(1) in ("tf32", "tf32x3")):
+            return True
+    return False
 
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)")

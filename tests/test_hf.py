@@ -117,6 +117,34 @@ def _out_base(arch):
     return _out(_model(arch))
 
 
+@pytest.mark.parametrize("arch", BERT_STYLE)
+@pytest.mark.parametrize("placement,sites", [("houlsby", 6), ("pfeiffer", 3), ("parallel", 3)])
+def test_each_site_runs_as_one_op(arch, placement, sites):
+    """With adapters a BERT-style model runs one adapter_layernorm op per site and no other
+    LayerNorm there (only the embeddings' and the untouched sites' own)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    model = _model(arch)
+    with Count() as base:
+        _out(model)
+    fa.add_adapters(model, fa.AdapterConfig(placement=placement, reduction_factor=4), "t")
+    with Count() as fused:
+        _out(model)
+    assert fused.ops.get("adapter_layernorm_forward") == sites
+    assert fused.ops.get("native_layer_norm", 0) == base.ops["native_layer_norm"] - sites
+    assert "adapter_forward" not in fused.ops
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_switching_and_no_active_adapter(arch):
     model = _model(arch)

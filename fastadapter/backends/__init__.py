@@ -1,16 +1,20 @@
 """Backend registry and dispatch.
 
-A backend is a pair of functions (forward, backward) over 2-D inputs plus a check
-that says why it cannot run for a given device and dtype (``None`` when it can).
-The operator in :mod:`fastadapter.ops.adapter` asks :func:`resolve` which backend
-to run; backends register themselves with :func:`register`.
+A backend is a pair of functions (forward, backward) of the adapter op over 2-D inputs,
+plus a check that says why it cannot run for a given device and dtype (``None`` when it
+can), and the implementations of the other ops (``Backend.ops``: op name -> (forward,
+backward)). The operators in :mod:`fastadapter.ops` ask :func:`resolve` which backend to
+run; backends register themselves with :func:`register` and their other ops with
+:func:`register_op`. A backend that has no fused implementation of an op may run the
+reference composition for it (``composition`` in :func:`register_op`): the automatic choice
+then passes it over, an explicit request runs it and logs that once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -40,6 +44,8 @@ class Backend:
     check: Callable[[torch.device, torch.dtype, int], Optional[str]]
     # status() -> None when the backend can run on this machine at all, else the reason
     status: Callable[[], Optional[str]]
+    # other ops: name -> (forward, backward, composition note or None)
+    ops: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -50,6 +56,21 @@ _RESOLVED: dict[tuple, str] = {}  # cache of automatic choices
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _RESOLVED.clear()
+
+
+def register_op(op: str, backend: str, forward: Callable, backward: Callable, composition: Optional[str] = None) -> None:
+    """Register ``backend``'s implementation of ``op``. ``composition``: why it is not fused
+    (it runs the reference composition), or None for a fused implementation."""
+    _REGISTRY[backend].ops[op] = (forward, backward, composition)
+    _RESOLVED.clear()
+
+
+def implementation(op: str, name: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of ``op`` on backend ``name``; logs once where it is a composition."""
+    forward, backward, composition = get(name).ops[op]
+    if composition is not None:
+        _log_once(f"fastadapter: {op} on backend {name!r} runs {composition}")
+    return forward, backward
 
 
 def get(name: str) -> Backend:
@@ -63,9 +84,20 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def available_backends() -> dict[str, Optional[str]]:
-    """Each backend's name mapped to None (it can run here) or the reason it cannot."""
-    return {name: backend.status() for name, backend in _REGISTRY.items()}
+def available_backends(op: str = "adapter") -> dict[str, Optional[str]]:
+    """Each backend's name mapped to None (it can run ``op`` here) or the reason it cannot;
+    for an op a backend runs only as the reference composition, that is the reason (it runs
+    when asked for by name, and the automatic choice passes it over)."""
+    out = {}
+    for name, backend in _REGISTRY.items():
+        reason = backend.status()
+        if reason is None and op != "adapter":
+            if op not in backend.ops:
+                reason = f"no implementation of {op}"
+            elif backend.ops[op][2] is not None:
+                reason = f"no fused kernel for {op}: runs {backend.ops[op][2]}"
+        out[name] = reason
+    return out
 
 
 def _log_once(message: str) -> None:
@@ -74,8 +106,8 @@ def _log_once(message: str) -> None:
         logger.warning(message)
 
 
-def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, r: int) -> str:
-    """The backend to run for x on ``device`` with ``dtype`` and an adapter of bottleneck ``r``.
+def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, r: int, op: str = "adapter") -> str:
+    """The backend to run ``op`` for x on ``device`` with ``dtype`` and an adapter of bottleneck ``r``.
 
     ``None`` or ``"auto"`` picks automatically unless FASTADAPTER_BACKEND names a
     backend; a named backend that cannot run raises RuntimeError with the reason.
@@ -86,7 +118,7 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, r: in
         if env and env != AUTO:
             name, source = env, ENV_VAR
     if name is None or name == AUTO:
-        return _auto(device, dtype, r)
+        return _auto(device, dtype, r, op)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     if name not in _REGISTRY:
@@ -97,8 +129,8 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, r: in
     return name
 
 
-def _auto(device: torch.device, dtype: torch.dtype, r: int) -> str:
-    key = (device.type, dtype, r)
+def _auto(device: torch.device, dtype: torch.dtype, r: int, op: str) -> str:
+    key = (device.type, dtype, r, op)
     cached = _RESOLVED.get(key)
     if cached is not None:
         return cached
@@ -108,6 +140,8 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int) -> str:
         if backend is None:
             continue
         reason = backend.check(device, dtype, r)
+        if reason is None and op != "adapter" and backend.ops.get(op, (None, None, "no implementation"))[2] is not None:
+            reason = f"no fused {op} kernel"
         if reason is None:
             if skipped:
                 why = "; ".join(f"{name}: {reason}" for name, reason in skipped)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import act, act_backward
-from . import Backend, register
+from . import Backend, register, register_op
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,3 +71,105 @@ def _check(device: torch.device, dtype: torch.dtype, r: int):
 
 
 register(Backend("reference", forward, backward, check=_check, status=lambda: None))
+
+
+# ----------------------------------------------------------------------------- adapter_layernorm
+
+
+def _straight_through(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """t rounded to ``dtype`` (as a GEMM operand) in value, with its gradient passed on
+    unrounded: a weight's gradient keeps the weight's own precision."""
+    return t + (t.to(dtype).to(acc) - t).detach()
+
+
+def _layer_norm(v, weight, bias, eps):
+    var, mean = torch.var_mean(v, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    out = (v - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out, mean, rstd
+
+
+def site_math(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
+    """The site in the accumulation dtype: (out, z, mean, rstd, mean_t, rstd_t), differentiable."""
+    dtype, acc = h.dtype, accumulation_dtype(h.dtype)
+    ha, ra = h.to(acc), r.to(acc)
+    lw = None if ln_weight is None else ln_weight.to(acc)
+    lb = None if ln_bias is None else ln_bias.to(acc)
+    mean_t, rstd_t = ha.new_empty(0), ha.new_empty(0)
+    if placement == "pfeiffer":
+        base = ha + ra
+        u, mean_t, rstd_t = _layer_norm(base, lw, lb, eps)
+        u = _operand(u, dtype, acc)
+    else:
+        base = ha + ra
+        u = ha if placement == "houlsby" else ra
+    z = F.linear(u, _straight_through(w_down.to(acc), dtype, acc), None if b_down is None else b_down.to(acc))
+    a = _operand(act(z, activation), dtype, acc)
+    f = F.linear(a, _straight_through(w_up.to(acc), dtype, acc), None if b_up is None else b_up.to(acc))
+    out, mean, rstd = _layer_norm(base + scaling * f, lw, lb, eps)
+    return out.to(dtype), z, mean, rstd, mean_t, rstd_t
+
+
+def site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
+    with torch.no_grad():
+        return site_math(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling)
+
+
+def layer_norm_backward(dout, xhat, rstd, weight):
+    """(dx, dweight, dbias) of out = xhat * weight + bias, xhat = (x - mean) * rstd, all in
+    dout's dtype (the accumulation dtype); dweight and dbias sum over the rows."""
+    g = dout if weight is None else dout * weight
+    dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx, (dout * xhat).sum(0), dout.sum(0)
+
+
+def site_backward_with(adapter_backward, dout, h, r, z, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight,
+                       ln_bias, placement, eps, activation, scaling, needs):  # fmt: skip
+    """The site's backward from the LayerNorm's backward (here, in torch ops) and
+    ``adapter_backward`` (a backend's adapter-op backward) with dy = dv and x = the adapter's
+    input u; v and u are recomputed from h, r, z and the saved statistics."""
+    need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dlw, need_dlb = needs
+    dtype, acc = h.dtype, accumulation_dtype(h.dtype)
+    ha, ra = h.to(acc), r.to(acc)
+    lw = None if ln_weight is None else ln_weight.to(acc)
+    lb = None if ln_bias is None else ln_bias.to(acc)
+    base = ha + ra
+    if placement == "pfeiffer":
+        t_hat = (base - mean_t[:, None]) * rstd_t[:, None]
+        u = t_hat if lw is None else t_hat * lw
+        u = (u if lb is None else u + lb).to(dtype)
+    else:
+        u = h if placement == "houlsby" else r
+    a = _operand(act(z, activation), dtype, acc)
+    f = F.linear(a, _operand(w_up, dtype, acc), None if b_up is None else b_up.to(acc))
+    v_hat = (base + scaling * f - mean[:, None]) * rstd[:, None]
+    dv, dlw, dlb = layer_norm_backward(dout.to(acc), v_hat, rstd, lw)
+    need_du = {"houlsby": need_dh, "parallel": need_dr}.get(placement, need_dh or need_dr or need_dlw or need_dlb)
+    du, dwd, dbd, dwu, dbu = adapter_backward(
+        dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, False, (need_du, need_dwd, need_dbd, need_dwu, need_dbu)
+    )
+    dh = dr = None
+    if placement == "houlsby":
+        dh, dr = (dv + du.to(acc) if need_dh else None), dv
+    elif placement == "parallel":
+        dh, dr = dv, (dv + du.to(acc) if need_dr else None)
+    elif need_du:
+        dt, dlw1, dlb1 = layer_norm_backward(du.to(acc), t_hat, rstd_t, lw)
+        dh = dv + dt
+        dr = dh.clone() if need_dh and need_dr else dh  # the same gradient, not the same tensor
+        dlw, dlb = dlw + dlw1, dlb + dlb1
+    return (
+        dh if need_dh else None, dr if need_dr else None, dwd, dbd, dwu, dbu,
+        dlw if need_dlw else None, dlb if need_dlb else None,
+    )  # fmt: skip
+
+
+def site_backward(*args):
+    return site_backward_with(backward, *args)
+
+
+register_op("adapter_layernorm", "reference", site_forward, site_backward)

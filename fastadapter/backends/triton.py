@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, register
+from . import Backend, register, register_op
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BOTTLENECK = 256  # the kernels keep [BLOCK_M, next_pow2(r)] fp32 tiles in registers
@@ -67,3 +67,20 @@ def backward(*args):
 
 
 register(Backend("triton", forward, backward, check=check, status=status))
+
+
+def _site_kernels():
+    from ..kernels import adapter_layernorm
+
+    return adapter_layernorm
+
+
+def site_forward(*args):
+    return _site_kernels().site_forward(*args)
+
+
+def site_backward(*args):
+    return _site_kernels().site_backward(*args)
+
+
+register_op("adapter_layernorm", "triton", site_forward, site_backward)

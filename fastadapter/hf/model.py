@@ -12,13 +12,19 @@ own LayerNorm and f the adapter without residual (as AdapterHub computes it):
     houlsby  (attention, feed-forward): LN(h + r + s * f(h))
     parallel (feed-forward only):       LN(h + r + s * f(r))
 
-Each is one fused op: houlsby replaces h by h + s*f(h); pfeiffer re-normalizes
-t + s*f(LN(t)) with t = h + r; parallel replaces r by r + s*f(r) (DistilBERT: h by
-h + s*f(r)).
+In BERT, RoBERTa, XLM-RoBERTa and ELECTRA, where one module (``attention.output`` or
+``output``) holds the sub-layer's dense, dropout and LayerNorm, each site runs as one op,
+:func:`fastadapter.adapter_layernorm` (the adapter, the residual and the LayerNorm): the
+site module's ``forward`` is replaced, on that instance only, by ``_bert_site_forward``,
+which runs the module's own forward whenever no adapter of its placement is active. In
+DistilBERT, whose LayerNorms sit in the transformer block, the adapter op runs from hooks:
+houlsby replaces h by h + s*f(h); pfeiffer re-normalizes t + s*f(LN(t)) with t = h + r;
+parallel replaces h by h + s*f(r).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import FusedAdapter
+from ..ops.adapter_layernorm import adapter_layernorm
 from .config import AdapterConfig
 from .sites import Site, find_sites
 
@@ -79,8 +86,41 @@ def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
     return None if adapter is None else adapter(args[0], residual=output)
 
 
+def _active_site(owner: nn.Module) -> tuple[Optional[FusedAdapter], Optional[str]]:
+    name = owner.__dict__.get("_fastadapter_active")
+    if name is None or name not in _placements(owner):
+        return None, None
+    return owner.adapters[name], _placements(owner)[name]
+
+
+def _bert_site_forward(owner, *args, **kwargs):
+    """A BERT-style site module's forward with an adapter: LN(h + r + s*f(.)) as one op, with
+    h = dropout(dense(hidden_states)) and r = input_tensor; the module's own forward otherwise."""
+    adapter, placement = _active_site(owner)
+    if adapter is None:
+        return type(owner).forward(owner, *args, **kwargs)
+    names = ("hidden_states", "input_tensor")
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    unknown = set(kwargs) - set(names)
+    if len(args) > 2 or unknown or len(values) != 2:
+        raise TypeError(f"{type(owner).__name__} with adapters takes (hidden_states, input_tensor), got {len(args)} "
+                        f"positional and {sorted(kwargs)} keyword arguments")  # fmt: skip
+    h = owner.dropout(owner.dense(values["hidden_states"]))
+    ln = owner.LayerNorm
+    return adapter_layernorm(
+        h, values["input_tensor"], adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, ln.weight,
+        ln.bias, placement=placement, eps=ln.eps, activation=adapter.activation, scaling=adapter.scaling,
+        backend=adapter.backend,
+    )  # fmt: skip
+
+
 def _install_hooks(site: Site) -> None:
     if site.owner.__dict__.get("_fastadapter_hooked"):
+        return
+    if site.style == "bert":  # the whole site as one op: the instance's forward, not a hook
+        site.owner.forward = functools.partial(_bert_site_forward, site.owner)
+        site.owner.__dict__["_fastadapter_hooked"] = True
         return
     site.h_module.__dict__[_OWNER] = site.owner
     site.h_module.register_forward_hook(_houlsby_hook)

@@ -1,0 +1,98 @@
+"""The adapter site (adapter + residual + LayerNorm), forward and forward+backward, side by side:
+
+    eager         the composition a user writes: two Linear layers, the activation, the
+                  residual adds and F.layer_norm
+    compile       torch.compile of the same
+    op+add+ln     fastadapter's adapter op (automatic backend), then the add and F.layer_norm
+    <backend>     fastadapter.adapter_layernorm on each backend that runs here
+
+    pytest benchmarks/bench_adapter_layernorm.py --benchmark-json=out.json && python benchmarks/report.py out.json
+
+Houlsby placement (LN(h + r + s*f(h))), gelu, the LayerNorm frozen as in a base model, h and
+r and the adapter trainable. CPU: fp32, N = 4096 and 16384, d = 384 and 768, r = 64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastadapter as fa
+from fastadapter import backends, bench
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+CASES = [(n, d, 64) for n in (4096, 16384) for d in (384, 768)]
+EPS = 1e-12
+
+
+def eager_site(h, r, wd, bd, wu, bu, lw, lb):
+    return F.layer_norm(h + F.linear(F.gelu(F.linear(h, wd, bd)), wu, bu) + r, (h.shape[-1],), lw, lb, EPS)
+
+
+def op_add_ln(h, r, wd, bd, wu, bu, lw, lb):
+    return F.layer_norm(fa.fused_adapter(h, wd, bd, wu, bu, activation="gelu") + r, (h.shape[-1],), lw, lb, EPS)
+
+
+def _inputs(n, d, rk):
+    g = torch.Generator().manual_seed(0)
+
+    def mk(*shape, scale=1.0, grad=True, shift=0.0):
+        return (shift + torch.randn(*shape, generator=g) * scale).to(DEVICE, DTYPE).requires_grad_(grad)
+
+    return (mk(n, d), mk(n, d), mk(rk, d, scale=d**-0.5), mk(rk, scale=0.1), mk(d, rk, scale=rk**-0.5), mk(d, scale=0.1),
+            mk(d, scale=0.1, shift=1.0, grad=False), mk(d, scale=0.1, grad=False))  # fmt: skip
+
+
+def _providers(rk):
+    names = ["eager", "compile", "op+add+ln"]
+    for name in backends.names():
+        if name == "triton" and DEVICE == "cpu":
+            continue
+        if backends.available_backends("adapter_layernorm").get(name) is None:
+            if backends.get(name).check(torch.device(DEVICE), DTYPE, rk) is None:
+                names.append(name)
+    return names
+
+
+def _callable(provider, tensors, mode):
+    if provider == "eager":
+        fwd = eager_site
+    elif provider == "compile":
+        fwd = torch.compile(eager_site, dynamic=False)
+    elif provider == "op+add+ln":
+        fwd = op_add_ln
+    else:
+
+        def fwd(*t):
+            return fa.adapter_layernorm(*t, placement="houlsby", eps=EPS, activation="gelu", backend=provider)
+
+    if mode == "fwd":
+        return lambda: fwd(*tensors)
+    trainable = [t for t in tensors if t.requires_grad]
+    dy = torch.randn_like(tensors[0])
+    return lambda: torch.autograd.grad(fwd(*tensors), trainable, dy)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-d{}-r{}".format(*c))
+def test_adapter_layernorm(benchmark, case, mode):
+    n, d, rk = case
+    tensors = _inputs(n, d, rk)
+    fns = {p: _callable(p, tensors, mode) for p in _providers(rk)}
+
+    def run():
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            for fn in fns.values():
+                fn()
+            iters = bench.iterations(fns["eager"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
+            return bench.interleaved(fns, DEVICE, 15 if DEVICE == "cuda" else 9, iters)
+
+    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    e = torch.finfo(DTYPE).bits // 8
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
+        N=n, d=d, r=rk, activation="gelu (houlsby site)", mode=mode,
+        bytes=(3 * n * d * e + n * rk * 4) * (1 if mode == "fwd" else 2), copy_bytes=2 * n * d * e, results=results,
+    )  # fmt: skip
