@@ -5,6 +5,8 @@
     compile       torch.compile of the same
     op+add+ln     fastadapter's adapter op (automatic backend), then the add and F.layer_norm
     <backend>     fastadapter.adapter_layernorm on each backend that runs here
+    gemms         the site's GEMMs alone (2 forward, 4 more backward) into preallocated
+                  outputs: the floor no fusion of the element-wise work goes below
 
     pytest benchmarks/bench_adapter_layernorm.py --benchmark-json=out.json && python benchmarks/report.py out.json
 
@@ -46,7 +48,7 @@ def _inputs(n, d, rk):
 
 
 def _providers(rk):
-    names = ["eager", "compile", "op+add+ln"]
+    names = ["eager", "compile", "op+add+ln", "gemms"]
     for name in backends.names():
         if name == "triton" and DEVICE == "cpu":
             continue
@@ -63,6 +65,8 @@ def _callable(provider, tensors, mode):
         fwd = torch.compile(eager_site, dynamic=False)
     elif provider == "op+add+ln":
         fwd = op_add_ln
+    elif provider == "gemms":
+        return bench.callable_for("gemms", tensors[:1] + tensors[2:6], mode)
     else:
 
         def fwd(*t):

@@ -104,15 +104,31 @@ def eager_adapter_forward(module: FusedAdapter, x: torch.Tensor, residual=True) 
     return residual + u
 
 
+def eager_site(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, *, placement, eps, activation, scaling, backend=None):
+    """fastadapter.adapter_layernorm's math as plain eager PyTorch ops (backend is ignored)."""
+    d = h.shape[-1]
+
+    def f(u):
+        return scaling * F.linear(act(F.linear(u, w_down, b_down), activation), w_up, b_up)
+
+    if placement == "pfeiffer":
+        t = h + r
+        return F.layer_norm(t + f(F.layer_norm(t, (d,), ln_weight, ln_bias, eps)), (d,), ln_weight, ln_bias, eps)
+    return F.layer_norm(h + r + f(h if placement == "houlsby" else r), (d,), ln_weight, ln_bias, eps)
+
+
 @contextlib.contextmanager
 def eager_adapters() -> Iterator[None]:
-    """Within the block every FusedAdapter runs as eager PyTorch ops."""
-    saved = FusedAdapter.forward
-    FusedAdapter.forward = eager_adapter_forward
+    """Within the block every FusedAdapter, and every adapter site of a Hugging Face model,
+    runs as eager PyTorch ops."""
+    from .hf import model as hf_model
+
+    saved = FusedAdapter.forward, hf_model.adapter_layernorm
+    FusedAdapter.forward, hf_model.adapter_layernorm = eager_adapter_forward, eager_site
     try:
         yield
     finally:
-        FusedAdapter.forward = saved
+        FusedAdapter.forward, hf_model.adapter_layernorm = saved
 
 
 def per_call(n: int = 4096, d: int = 768, r: int = 64, dtype=torch.float32, activation: str = "gelu") -> list[dict]:

@@ -272,8 +272,8 @@ def test_opcheck(backend, placement):
     torch.library.opcheck(torch.ops.fastadapter.adapter_layernorm_forward.default, args)
     out = torch.ops.fastadapter.adapter_layernorm_forward(*args)
     h, r, wd, bd, wu, bu, lw, lb = (t.detach() for t in inputs)
-    _, z, mean, rstd, mean_t, rstd_t = (t.detach() for t in out)
-    bargs = (torch.randn(6, 16), h, r, z, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, placement, 1e-5, "gelu", 0.5,
+    _, z, v, mean, rstd, mean_t, rstd_t = (t.detach() for t in out)
+    bargs = (torch.randn(6, 16), h, r, z, v, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, placement, 1e-5, "gelu", 0.5,
              [True] * 8, backend)  # fmt: skip
     torch.library.opcheck(torch.ops.fastadapter.adapter_layernorm_backward.default, bargs)
 
@@ -281,17 +281,81 @@ def test_opcheck(backend, placement):
 def test_backward_op_computes_only_what_is_asked():
     h, r, wd, bd, wu, bu, lw, lb = make_site(5, 12, 3, seed=9)
     out = adapter_layernorm_forward(h, r, wd, bd, wu, bu, lw, lb, "pfeiffer", 1e-5, "gelu", 1.0, "reference")
-    _, z, mean, rstd, mean_t, rstd_t = out
+    _, z, v, mean, rstd, mean_t, rstd_t = out
     dout = torch.randn_like(h)
     for needs in itertools.product((False, True), repeat=8):
         if sum(needs) not in (1, 8):
             continue
         grads = adapter_layernorm_backward(
-            dout, h, r, z, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, "pfeiffer", 1e-5, "gelu", 1.0, list(needs),
+            dout, h, r, z, v, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, "pfeiffer", 1e-5, "gelu", 1.0, list(needs),
             "reference",
         )  # fmt: skip
         for need, g, like in zip(needs, grads, (h, r, wd, bd, wu, bu, lw, lb)):
             assert g.shape == (like.shape if need else (0,))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_backward_with_and_without_the_kept_ln_input_agree(backend, placement):
+    """The CPU backends keep v (the LayerNorm's input); given none, they recompute it."""
+    require(backend, "cpu")
+    h, r, wd, bd, wu, bu, lw, lb = make_site(37, 24, 5, seed=4)
+    _, z, v, mean, rstd, mean_t, rstd_t = adapter_layernorm_forward(h, r, wd, bd, wu, bu, lw, lb, placement, 1e-5, "gelu",
+                                                                    0.5, backend)  # fmt: skip
+    assert v.shape == h.shape and v.dtype == torch.float32
+    dout = torch.randn_like(h)
+    rest = (mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, placement, 1e-5, "gelu", 0.5, [True] * 8, backend)
+    kept = adapter_layernorm_backward(dout, h, r, z, v, *rest)
+    recomputed = adapter_layernorm_backward(dout, h, r, z, v.new_empty(0), *rest)
+    for name, a, b in zip(NAMES[1:], kept, recomputed):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def _saved_bytes(fn, exclude):
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.nbytes() and all(st.data_ptr() != p.untyped_storage().data_ptr() for p in exclude):
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_saved_tensors_known_by_hand(backend, placement):
+    """Kept v (CPU backends): v, z, the statistics and the adapter's input of h and r; else h, r, z
+    and the statistics. Parameters are not counted."""
+    require(backend, "cpu")
+    n, d, rk = 24, 16, 4
+    h, r, *params = make_site(n, d, rk, dtype=torch.bfloat16, seed=2)
+    h.requires_grad_(), r.requires_grad_()
+    saved = _saved_bytes(lambda: fa.adapter_layernorm(h, r, *params, placement=placement, backend=backend), params)
+    stats = 2 * n * 4 * (2 if placement == "pfeiffer" else 1)
+    if backend == "triton":
+        inputs = 2 * n * d * 2
+    else:
+        inputs = n * d * 4 + n * d * 2 * (2 if placement == "pfeiffer" else 1)
+    assert saved == inputs + n * rk * 4 + stats
+
+
+def test_backward_op_refuses_saved_tensors_that_do_not_fit():
+    h, r, wd, bd, wu, bu, lw, lb = make_site(6, 8, 2, seed=1)
+    _, z, v, mean, rstd, mean_t, rstd_t = adapter_layernorm_forward(h, r, wd, bd, wu, bu, lw, lb, "houlsby", 1e-5, "relu",
+                                                                    1.0, "reference")  # fmt: skip
+    rest = (mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, "houlsby", 1e-5, "relu", 1.0, [True] * 8, "reference")
+    dout = torch.randn_like(h)
+    with pytest.raises(ValueError, match="v must have dout's shape"):
+        adapter_layernorm_backward(dout, h, r, z, v[:3], *rest)
+    with pytest.raises(ValueError, match="h must have dout's shape"):
+        adapter_layernorm_backward(dout, h.new_empty(0), r, z, v, *rest)
+    with pytest.raises(ValueError, match="r must have dout's shape"):  # v not kept: r is read again
+        adapter_layernorm_backward(dout, h, r.new_empty(0), z, v.new_empty(0), *rest)
+    adapter_layernorm_backward(dout, h, r.new_empty(0), z, v, *rest)  # houlsby with v kept does not read r
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "reference"])

@@ -58,19 +58,27 @@ def register(backend: Backend) -> None:
     _RESOLVED.clear()
 
 
-def register_op(op: str, backend: str, forward: Callable, backward: Callable, composition: Optional[str] = None) -> None:
+def register_op(op: str, backend: str, forward: Callable, backward: Callable, composition: Optional[str] = None,
+                **traits) -> None:  # fmt: skip
     """Register ``backend``'s implementation of ``op``. ``composition``: why it is not fused
-    (it runs the reference composition), or None for a fused implementation."""
-    _REGISTRY[backend].ops[op] = (forward, backward, composition)
+    (it runs the reference composition), or None for a fused implementation. ``traits``:
+    what the op's fake (meta) implementation must know of this backend's outputs (for
+    ``adapter_layernorm``: ``keeps_ln_input``, the forward returns the LayerNorm's input)."""
+    _REGISTRY[backend].ops[op] = (forward, backward, composition, traits)
     _RESOLVED.clear()
 
 
 def implementation(op: str, name: str) -> tuple[Callable, Callable]:
     """(forward, backward) of ``op`` on backend ``name``; logs once where it is a composition."""
-    forward, backward, composition = get(name).ops[op]
+    forward, backward, composition, _ = get(name).ops[op]
     if composition is not None:
         _log_once(f"fastadapter: {op} on backend {name!r} runs {composition}")
     return forward, backward
+
+
+def trait(op: str, name: str, key: str, default=None):
+    """A trait ``backend`` ``name`` registered for ``op`` (see :func:`register_op`)."""
+    return get(name).ops[op][3].get(key, default)
 
 
 def get(name: str) -> Backend:
@@ -140,7 +148,7 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int, op: str) -> str:
         if backend is None:
             continue
         reason = backend.check(device, dtype, r)
-        if reason is None and op != "adapter" and backend.ops.get(op, (None, None, "no implementation"))[2] is not None:
+        if reason is None and op != "adapter" and backend.ops.get(op, (None, None, "no implementation", None))[2] is not None:
             reason = f"no fused {op} kernel"
         if reason is None:
             if skipped:

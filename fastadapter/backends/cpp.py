@@ -94,8 +94,8 @@ register(Backend("cuda", _forward("cuda"), _backward("cuda"), check=cuda_check, 
 
 
 def _cpu_site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
-    """v = base + s * f(u) by the cpp adapter kernels with base as their residual (v kept in
-    fp32), then ATen's fused LayerNorm for out and the statistics."""
+    """v = base + s * f(u) by the cpp adapter kernels with base as their residual (v in
+    fp32, kept for the backward), then ATen's fused LayerNorm for out and the statistics."""
     from .reference import accumulation_dtype, site_forward
 
     dtype, acc = h.dtype, accumulation_dtype(h.dtype)
@@ -104,8 +104,7 @@ def _cpu_site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, plac
     d = h.shape[1]
     base = h.to(acc) + r.to(acc) if dtype != acc else h + r
     mean_t, rstd_t = base.new_empty(0), base.new_empty(0)
-    lw = None if ln_weight is None else ln_weight.to(acc)
-    lb = None if ln_bias is None else ln_bias.to(acc)
+    lw, lb = _widened(ln_weight, acc), _widened(ln_bias, acc)
     if placement == "pfeiffer":
         u, mean_t, rstd_t = torch.native_layer_norm(base, (d,), lw, lb, eps)
         mean_t, rstd_t = mean_t.view(-1), rstd_t.view(-1)
@@ -115,19 +114,63 @@ def _cpu_site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, plac
     # operands rounded to h's dtype and widened: the kernels then run in fp32 and return v in fp32
     ops = [None if t is None else t.to(dtype).to(acc) for t in (u, w_down, w_up)]
     fwd = _forward("cpu")
-    v, z = fwd(ops[0], ops[1], None if b_down is None else b_down.to(acc), ops[2], None if b_up is None else b_up.to(acc), base,
-               activation, scaling, False)  # fmt: skip
+    v, z = fwd(ops[0], ops[1], _widened(b_down, acc), ops[2], _widened(b_up, acc), base, activation, scaling, False)
     out, mean, rstd = torch.native_layer_norm(v, (d,), lw, lb, eps)
-    return out.to(dtype), z, mean.view(-1), rstd.view(-1), mean_t, rstd_t
+    return out.to(dtype), z, v, mean.view(-1), rstd.view(-1), mean_t, rstd_t
 
 
-def _cpu_site_backward(*args):
-    from .reference import site_backward_with
-
-    return site_backward_with(_backward("cpu"), *args)
+def _widened(t, dtype):
+    return None if t is None else t.to(dtype)
 
 
-register_op("adapter_layernorm", "cpp", _cpu_site_forward, _cpu_site_backward)
+def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias,
+                       placement, eps, activation, scaling, needs):  # fmt: skip
+    """ATen's LayerNorm backward on the kept v, then the cpp adapter backward with dy = dv:
+    for houlsby and parallel with dv as its residual (dx = dv + du in one GEMM epilogue),
+    for pfeiffer followed by the LayerNorm backward of t."""
+    from .reference import accumulation_dtype, site_backward_with
+
+    args = (dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps,
+            activation, scaling, needs)  # fmt: skip
+    dtype, acc = dout.dtype, accumulation_dtype(dout.dtype)
+    if acc != torch.float32 or v.dim() != 2:
+        return site_backward_with(_backward("cpu"), *args)
+    need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dlw, need_dlb = needs
+    n, d = dout.shape
+    lw, lb = _widened(ln_weight, acc), _widened(ln_bias, acc)
+    mask = [True, bool(need_dlw) and lw is not None, bool(need_dlb) and lb is not None]
+    g = dout.to(acc)
+    dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(g, v, [d], mean.view(n, 1), rstd.view(n, 1), lw, lb, mask)
+    backward = _backward("cpu")
+    if placement != "pfeiffer":
+        # houlsby: dh = dv + du (the adapter's residual), dr = dv; parallel the other way round
+        u = h if placement == "houlsby" else r
+        need_dx = need_dh if placement == "houlsby" else need_dr
+        dx, dwd, dbd, dwu, dbu = backward(dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, True,
+                                          (need_dx, need_dwd, need_dbd, need_dwu, need_dbu))  # fmt: skip
+        dh, dr = (dx, dv) if placement == "houlsby" else (dv, dx)
+    else:
+        t = h.to(acc) + r.to(acc)
+        u = torch.native_layer_norm(t, (d,), lw, lb, eps)[0].to(dtype)  # recomputed: the forward's u bit for bit
+        need_du = need_dh or need_dr or need_dlw or need_dlb
+        du, dwd, dbd, dwu, dbu = backward(dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, False,
+                                          (need_du, need_dwd, need_dbd, need_dwu, need_dbu))  # fmt: skip
+        dh = dr = None
+        if need_du:
+            dt, dlw1, dlb1 = torch.ops.aten.native_layer_norm_backward(
+                du.to(acc), t, [d], mean_t.view(n, 1), rstd_t.view(n, 1), lw, lb, mask
+            )
+            dh = dv.add_(dt)
+            dr = dh.clone() if need_dh and need_dr else dh  # the same gradient, not the same tensor
+            dlw = None if dlw is None else dlw + dlw1
+            dlb = None if dlb is None else dlb + dlb1
+    return (
+        dh if need_dh else None, dr if need_dr else None, dwd, dbd, dwu, dbu,
+        dlw if mask[1] else None, dlb if mask[2] else None,
+    )  # fmt: skip
+
+
+register_op("adapter_layernorm", "cpp", _cpu_site_forward, _cpu_site_backward, keeps_ln_input=True)
 
 
 def _reference_site_forward(*args):
@@ -145,4 +188,5 @@ def _reference_site_backward(*args):
 register_op(
     "adapter_layernorm", "cuda", _reference_site_forward, _reference_site_backward,
     composition="the reference composition in PyTorch ops (no fused CUDA kernel for the adapter + LayerNorm site)",
+    keeps_ln_input=True,
 )  # fmt: skip

@@ -94,7 +94,8 @@ def _layer_norm(v, weight, bias, eps):
 
 
 def site_math(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
-    """The site in the accumulation dtype: (out, z, mean, rstd, mean_t, rstd_t), differentiable."""
+    """The site in the accumulation dtype: (out, z, v, mean, rstd, mean_t, rstd_t), differentiable;
+    v is the LayerNorm's input."""
     dtype, acc = h.dtype, accumulation_dtype(h.dtype)
     ha, ra = h.to(acc), r.to(acc)
     lw = None if ln_weight is None else ln_weight.to(acc)
@@ -110,8 +111,9 @@ def site_math(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, e
     z = F.linear(u, _straight_through(w_down.to(acc), dtype, acc), None if b_down is None else b_down.to(acc))
     a = _operand(act(z, activation), dtype, acc)
     f = F.linear(a, _straight_through(w_up.to(acc), dtype, acc), None if b_up is None else b_up.to(acc))
-    out, mean, rstd = _layer_norm(base + scaling * f, lw, lb, eps)
-    return out.to(dtype), z, mean, rstd, mean_t, rstd_t
+    v = base + scaling * f
+    out, mean, rstd = _layer_norm(v, lw, lb, eps)
+    return out.to(dtype), z, v, mean, rstd, mean_t, rstd_t
 
 
 def site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
@@ -127,26 +129,28 @@ def layer_norm_backward(dout, xhat, rstd, weight):
     return dx, (dout * xhat).sum(0), dout.sum(0)
 
 
-def site_backward_with(adapter_backward, dout, h, r, z, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight,
-                       ln_bias, placement, eps, activation, scaling, needs):  # fmt: skip
+def site_backward_with(adapter_backward, dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up,
+                       ln_weight, ln_bias, placement, eps, activation, scaling, needs):  # fmt: skip
     """The site's backward from the LayerNorm's backward (here, in torch ops) and
     ``adapter_backward`` (a backend's adapter-op backward) with dy = dv and x = the adapter's
-    input u; v and u are recomputed from h, r, z and the saved statistics."""
+    input u; u is recomputed from h, r and the saved statistics, and v too where the
+    forward did not keep it (v empty)."""
     need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dlw, need_dlb = needs
-    dtype, acc = h.dtype, accumulation_dtype(h.dtype)
-    ha, ra = h.to(acc), r.to(acc)
+    dtype, acc = dout.dtype, accumulation_dtype(dout.dtype)
     lw = None if ln_weight is None else ln_weight.to(acc)
     lb = None if ln_bias is None else ln_bias.to(acc)
-    base = ha + ra
+    if placement == "pfeiffer" or v.dim() != 2:
+        base = h.to(acc) + r.to(acc)
     if placement == "pfeiffer":
         t_hat = (base - mean_t[:, None]) * rstd_t[:, None]
         u = t_hat if lw is None else t_hat * lw
         u = (u if lb is None else u + lb).to(dtype)
     else:
         u = h if placement == "houlsby" else r
-    a = _operand(act(z, activation), dtype, acc)
-    f = F.linear(a, _operand(w_up, dtype, acc), None if b_up is None else b_up.to(acc))
-    v_hat = (base + scaling * f - mean[:, None]) * rstd[:, None]
+    if v.dim() != 2:
+        a = _operand(act(z, activation), dtype, acc)
+        v = base + scaling * F.linear(a, _operand(w_up, dtype, acc), None if b_up is None else b_up.to(acc))
+    v_hat = (v - mean[:, None]) * rstd[:, None]
     dv, dlw, dlb = layer_norm_backward(dout.to(acc), v_hat, rstd, lw)
     need_du = {"houlsby": need_dh, "parallel": need_dr}.get(placement, need_dh or need_dr or need_dlw or need_dlb)
     du, dwd, dbd, dwu, dbu = adapter_backward(
@@ -172,4 +176,4 @@ def site_backward(*args):
     return site_backward_with(backward, *args)
 
 
-register_op("adapter_layernorm", "reference", site_forward, site_backward)
+register_op("adapter_layernorm", "reference", site_forward, site_backward, keeps_ln_input=True)

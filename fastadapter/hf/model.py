@@ -70,17 +70,6 @@ def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h +
     return F.layer_norm(adapter(output, residual=args[0]), module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def _parallel_pre_hook(module, args, kwargs):  # BERT-style output module, called as (hidden_states, input_tensor)
-    adapter = _active(module, "parallel")
-    if adapter is None:
-        return None
-    if len(args) >= 2:
-        return (args[0], adapter(args[1]), *args[2:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["input_tensor"] = adapter(kwargs["input_tensor"])
-    return args, kwargs
-
-
 def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
     adapter = _active(module, "parallel")
     return None if adapter is None else adapter(args[0], residual=output)
@@ -127,10 +116,7 @@ def _install_hooks(site: Site) -> None:
     if site.kind == "output":
         site.layer_norm.__dict__[_OWNER] = site.owner
         site.layer_norm.register_forward_hook(_pfeiffer_hook)
-        if site.style == "bert":
-            site.owner.register_forward_pre_hook(_parallel_pre_hook, with_kwargs=True)
-        else:
-            site.owner.register_forward_hook(_parallel_hook)
+        site.owner.register_forward_hook(_parallel_hook)
     site.owner.__dict__["_fastadapter_hooked"] = True
 
 

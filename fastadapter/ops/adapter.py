@@ -183,6 +183,7 @@ def _setup_context(ctx, inputs, output):
     x, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x, backend = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for z
     ctx.save_for_backward(x, z, w_down, b_down, w_up, b_up)
     ctx.activation = activation
     ctx.scaling = scaling
@@ -195,6 +196,8 @@ def _backward(ctx, dy, _dz):
     x, z, w_down, b_down, w_up, b_up = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = [None] * 5
+    if dy is None:  # y did not reach the loss
+        return (*grads, None, None, None, None, None)
     if any(needs):
         computed = adapter_backward(
             dy, x, z, w_down, b_down, w_up, b_up, ctx.activation, ctx.scaling, ctx.residual_is_x, needs, ctx.backend

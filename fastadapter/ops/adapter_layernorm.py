@@ -12,9 +12,13 @@ Numerics (every backend): sums, LayerNorm statistics and the adapter's accumulat
 fp32 (fp64 for float64 inputs); the adapter's GEMM operands (its input u and the
 activation a) rounded to h's dtype, as for the adapter op; out rounded once to h's dtype.
 The forward returns out and what the backward needs besides h and r: the adapter's
-pre-activation z ([N, r], fp32) and the statistics of the LayerNorm's input (mean and
-1/std per row, fp32), and for pfeiffer those of t too. Nothing of size N x d is saved
-beyond h and r themselves.
+pre-activation z ([N, r], fp32), the statistics of the LayerNorm's input v (mean and 1/std
+per row, fp32), and for pfeiffer those of t too. Where a backend's GEMMs are its cost (the
+CPU backends) the forward also returns v itself ([N, d], fp32), and the backward reads it
+in place of recomputing s * f(u) by a GEMM; the saved tensors are then v and the adapter's
+input (h for houlsby, r for parallel, both for pfeiffer). Where bytes are the cost (the
+triton kernels) v is not kept: the backward recomputes it from h, r and z, and h and r
+are saved.
 """
 
 from __future__ import annotations
@@ -84,6 +88,12 @@ def _resolve(backend: str, h: Tensor, r_dim: int):
     return name, backends.implementation(OP, name)
 
 
+def keeps_ln_input(backend: str, h: Tensor, r_dim: int) -> bool:
+    """Whether the backend that runs for h returns the LayerNorm's input v for the backward."""
+    name = backends.resolve(backend, h.device, h.dtype, r_dim, op=OP)
+    return bool(backends.trait(OP, name, "keeps_ln_input", False))
+
+
 @torch.library.custom_op("fastadapter::adapter_layernorm_forward", mutates_args=())
 def adapter_layernorm_forward(
     h: Tensor,
@@ -99,9 +109,10 @@ def adapter_layernorm_forward(
     activation: str,
     scaling: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The site over 2-D h, r [N, d]: returns (out [N, d] in h's dtype, z [N, r], mean [N],
-    rstd [N], mean_t [N] and rstd_t [N] of t for pfeiffer, else empty); statistics fp32."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The site over 2-D h, r [N, d]: returns (out [N, d] in h's dtype, z [N, r], v [N, d]
+    where the backend keeps it (:func:`keeps_ln_input`) else empty, mean [N], rstd [N],
+    mean_t [N] and rstd_t [N] of t for pfeiffer, else empty); z, v and statistics fp32."""
     if h.dim() != 2:
         raise ValueError(f"fastadapter::adapter_layernorm_forward takes 2-D h [N, d], got {_shape(h)}")
     check_site_inputs(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, scaling)
@@ -122,9 +133,10 @@ def _(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, acti
     n, rd = h.shape[0], w_down.shape[0]
     sd = _stat_dtype(h.dtype)
     m_t = n if placement == "pfeiffer" else 0
+    v_shape = h.shape if keeps_ln_input(backend, h, rd) else (0,)
     return (
-        h.new_empty(h.shape), h.new_empty((n, rd), dtype=sd), h.new_empty((n,), dtype=sd), h.new_empty((n,), dtype=sd),
-        h.new_empty((m_t,), dtype=sd), h.new_empty((m_t,), dtype=sd),
+        h.new_empty(h.shape), h.new_empty((n, rd), dtype=sd), h.new_empty(v_shape, dtype=sd), h.new_empty((n,), dtype=sd),
+        h.new_empty((n,), dtype=sd), h.new_empty((m_t,), dtype=sd), h.new_empty((m_t,), dtype=sd),
     )  # fmt: skip
 
 
@@ -134,6 +146,7 @@ def adapter_layernorm_backward(
     h: Tensor,
     r: Tensor,
     z: Tensor,
+    v: Tensor,
     mean: Tensor,
     rstd: Tensor,
     mean_t: Tensor,
@@ -152,14 +165,18 @@ def adapter_layernorm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dh, dr, dw_down, db_down, dw_up, db_up, dln_weight, dln_bias), each in its
-    input's dtype; one that ``needs`` does not ask for (or whose tensor is None) is empty."""
+    input's dtype; one that ``needs`` does not ask for (or whose tensor is None) is empty.
+    v is the forward's (empty where the backend does not keep it); where it is kept, the
+    one of h and r that the placement's adapter does not read may be empty too."""
     needs = _needs(needs, b_down, b_up, ln_weight, ln_bias)
-    name, (_, backward) = _resolve(backend, h, w_down.shape[0])
+    placement = canonical_placement(placement)
+    _check_saved(dout, h, r, z, v, placement)
+    name, (_, backward) = _resolve(backend, dout, w_down.shape[0])
     grads = backward(
-        dout, h, r, z, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias,
-        canonical_placement(placement), eps, canonical_activation(activation), scaling, needs,
+        dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps,
+        canonical_activation(activation), scaling, needs,
     )  # fmt: skip
-    likes = (h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
+    likes = (dout, dout, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
     out = []
     for need, grad, like, gname in zip(needs, grads, likes, _GRAD_NAMES):
         if not need:
@@ -172,11 +189,30 @@ def adapter_layernorm_backward(
 
 
 @adapter_layernorm_backward.register_fake
-def _(dout, h, r, z, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation,
-      scaling, needs, backend):  # fmt: skip
+def _(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps,
+      activation, scaling, needs, backend):  # fmt: skip
     needs = _needs(needs, b_down, b_up, ln_weight, ln_bias)
-    likes = (h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
+    _check_saved(dout, h, r, z, v, canonical_placement(placement))
+    likes = (dout, dout, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
     return tuple(torch.empty_like(like) if need else h.new_empty(0) for need, like in zip(needs, likes))
+
+
+def _check_saved(dout, h, r, z, v, placement) -> None:
+    """The backward's inputs fit together: h and r of dout's shape (or empty where v is
+    kept and the placement's adapter does not read them), v of dout's shape or empty."""
+    shape = tuple(dout.shape)
+    if dout.dim() != 2:
+        raise ValueError(f"fastadapter::adapter_layernorm_backward takes 2-D dout [N, d], got {_shape(dout)}")
+    kept = v.dim() == 2  # kept: [N, d]; not kept: [0]
+    if tuple(v.shape) != (shape if kept else (0,)):
+        raise ValueError(f"v must have dout's shape {_shape(dout)} or be empty [0], got {_shape(v)}")
+    need_h = not kept or placement != "parallel"
+    need_r = not kept or placement != "houlsby"
+    for name, t, needed in (("h", h, need_h), ("r", r, need_r)):
+        if tuple(t.shape) != shape and (needed or t.numel() > 0):
+            raise ValueError(f"{name} must have dout's shape {_shape(dout)}, got {_shape(t)}")
+    if z.dim() != 2 or z.shape[0] != shape[0]:
+        raise ValueError(f"z must be [N, r] with N = {shape[0]}, got {_shape(z)}")
 
 
 def _needs(needs, b_down, b_up, ln_weight, ln_bias) -> tuple[bool, ...]:
@@ -190,9 +226,16 @@ def _needs(needs, b_down, b_up, ln_weight, ln_bias) -> tuple[bool, ...]:
 
 def _setup_context(ctx, inputs, output):
     h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling, backend = inputs
-    _, z, mean, rstd, mean_t, rstd_t = output
-    ctx.mark_non_differentiable(z, mean, rstd, mean_t, rstd_t)
-    ctx.save_for_backward(h, r, z, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
+    _, z, v, mean, rstd, mean_t, rstd_t = output
+    ctx.mark_non_differentiable(z, v, mean, rstd, mean_t, rstd_t)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for z, v and the statistics
+    if v.dim() == 2:  # v kept: only the adapter's input of h and r is read again
+        placement = canonical_placement(placement)
+        if placement == "houlsby":
+            r = r.new_empty(0)
+        elif placement == "parallel":
+            h = h.new_empty(0)
+    ctx.save_for_backward(h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
     ctx.args = (placement, eps, activation, scaling)
     ctx.backend = backend
 
@@ -201,9 +244,9 @@ def _backward(ctx, dout, *_):
     saved = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:8])
     grads = [None] * 8
-    if any(needs):
+    if any(needs) and dout is not None:  # dout None: out did not reach the loss
         computed = adapter_layernorm_backward(dout, *saved, *ctx.args, needs, ctx.backend)
-        b_down, b_up, ln_weight, ln_bias = saved[8], saved[10], saved[11], saved[12]
+        b_down, b_up, ln_weight, ln_bias = saved[9], saved[11], saved[12], saved[13]
         grads = [g if need else None for g, need in zip(computed, _needs(needs, b_down, b_up, ln_weight, ln_bias))]
     return (*grads, None, None, None, None, None)
 
