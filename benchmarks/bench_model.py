@@ -6,6 +6,8 @@ Providers, timed side by side (fastadapter/bench.py):
                adapter model does, minus the adapters
   fastadapter  Houlsby adapters from fastadapter, automatic backend (cpp on a CPU)
   fa-reference the same adapters on the reference backend
+  fa-op+ln     the same adapters, each site run as the adapter op, the add and F.layer_norm
+               (the integration before fastadapter.adapter_layernorm)
   adapterhub   AdapterHub's double_seq_bn adapters, when the `adapters` package is importable
                (it needs transformers 4.57: run this file in .venv-hub, `make bench-model`)
 Each step is forward, cross-entropy loss, backward and an AdamW step over what trains.
@@ -14,12 +16,15 @@ Each step is forward, cross-entropy loss, backward and an AdamW step over what t
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastadapter as fa
 from fastadapter.bench import interleaved
+from fastadapter.hf import model as hf_model
 
 BATCH, SEQ, LABELS = 16, 128, 5
 
@@ -64,6 +69,20 @@ def _fastadapter(backend):
     return model
 
 
+def _op_add_ln(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, *, placement, eps, activation, scaling, backend):
+    assert placement == "houlsby", placement
+    y = fa.fused_adapter(h, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, backend=backend)
+    return F.layer_norm(y + r, (h.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def _with_sites_unfused(step):
+    def run():
+        with mock.patch.object(hf_model, "adapter_layernorm", _op_add_ln):
+            step()
+
+    return run
+
+
 def _adapterhub():
     import adapters
 
@@ -85,6 +104,7 @@ def test_minilm_train_step(benchmark):
     except ImportError:
         pass
     fns = {name: _step(build()) for name, build in builders.items()}
+    fns["fa-op+ln"] = _with_sites_unfused(_step(_fastadapter(None)))
     rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15"))
     results = benchmark.pedantic(interleaved, args=(fns, "cpu", rounds, 1), rounds=1, iterations=1)
     import transformers

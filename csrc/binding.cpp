@@ -6,6 +6,7 @@
 #include "adapter_cpu.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
+#include "mixed_adapter_cpu.h"
 
 #ifdef FASTADAPTER_WITH_CUDA
 #include "adapter_cuda_binding.h"
@@ -15,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastadapter C++/CUDA extension";
   m.def("adapter_forward_cpu", &fastadapter::adapter_forward_cpu);
   m.def("adapter_backward_cpu", &fastadapter::adapter_backward_cpu);
+  m.def("mixed_adapter_forward_cpu", &fastadapter::mixed_adapter_forward_cpu);
+  m.def("mixed_adapter_backward_cpu", &fastadapter::mixed_adapter_backward_cpu);
   m.def("avx512_kernels", []() {
     return std::vector<bool>{fastadapter::avx512_kernels_available(), fastadapter::activation_avx512_available()};
   }, "whether the cpp backend runs [the one-pass up-projection, the activation passes] with AVX-512 here");

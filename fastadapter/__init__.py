@@ -21,6 +21,7 @@ from .hf import (
 from .modules import FusedAdapter
 from .ops.adapter import fused_adapter
 from .ops.adapter_layernorm import adapter_layernorm
+from .ops.mixed_adapter import mixed_adapter, stack_adapters
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,8 +38,10 @@ __all__ = [
     "load_adapterhub",
     "load_adapters",
     "mark_only_adapters_trainable",
+    "mixed_adapter",
     "remove_adapter",
     "save_adapterhub",
     "save_adapters",
     "set_active_adapter",
+    "stack_adapters",
 ]

@@ -96,6 +96,7 @@ def collect() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "gpu": gpu(),
         "backends": backends.available_backends(),
+        "ops": {op: backends.available_backends(op) for op in ("adapter", "adapter_layernorm", "mixed_adapter")},
         "extension": extension(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("FASTADAPTER_", "TRITON_INTERPRET"))},
     }
@@ -121,6 +122,9 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append("backends:")
     for name, reason in info["backends"].items():
         lines.append(f"  {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    lines.append("ops (the backends that run each here):")
+    for op, reasons in info["ops"].items():
+        lines.append(f"  {op:18s} {', '.join(n for n, why in reasons.items() if why is None) or 'none'}")
     if e["built"]:
         kind = "CPU + CUDA" if e.get("cuda") else "CPU"
         if "avx512_kernels" not in e:

@@ -39,6 +39,9 @@ from .adapter import (
 )
 
 PLACEMENT_IDS = {"houlsby": 0, "parallel": 1, "pfeiffer": 2}
+# Under the interpreter, bf16 dv is stored in fp32 and rounded by torch (see _ln_backward);
+# the traffic counter turns this off to count the bytes a GPU moves.
+ROUND_DV_IN_TORCH = INTERPRET
 
 
 @triton.jit
@@ -174,6 +177,12 @@ def _site_fwd_kernel(
                                  BLOCK_M, BLOCK_K)  # fmt: skip
         out = _ln_chunk(v, mean, rstd, LNW, LNB, k0, k, mask_k, HAS_LNW, HAS_LNB)
         tl.store(out_rows + k0 + (m[:, None] * D + k[None, :]), out.to(dtype), mask=mask)
+
+
+# Launches with no product by design, {kernel: {constexpr: value}}: the LayerNorm of t for
+# pfeiffer, and the LayerNorm backward without the adapter term. The GPU compile check
+# asks for no tensor-core instruction in them while their TTIR has no tt.dot.
+NO_PRODUCT_VARIANTS = {"_site_ln_rows_kernel": {}, "_site_ln_bwd_kernel": {"ADAPTER": False}}
 
 
 @triton.jit
@@ -376,7 +385,7 @@ def _ln_backward(dout, h, r, z, w_up, b_up, ln_weight, mean, rstd, add, activati
     programs = triton.cdiv(n, rows)
     # the interpreter truncates fp32 -> bf16 casts where a GPU rounds to nearest: under it, dv
     # (the adapter backward's dy, and part of dh) is stored in fp32 and rounded by torch
-    truncating = INTERPRET and h.dtype == torch.bfloat16
+    truncating = ROUND_DV_IN_TORCH and h.dtype == torch.bfloat16
     dv = torch.empty((n, d), dtype=f32 if truncating else h.dtype, device=dev)
     dlw_p = torch.empty((programs, d), dtype=f32, device=dev) if need_dlw else mean
     dlb_p = torch.empty((programs, d), dtype=f32, device=dev) if need_dlb else mean

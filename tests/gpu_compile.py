@@ -146,7 +146,11 @@ def compiling(target: int, rows: list[Row], note: str):
         try:
             kernel = run(fn, *args, **{**kwargs, **extra, "warmup": True})
             row.__dict__["_cubin"] = kernel.asm["cubin"]
-            row.tensor_core_expected = expects_tensor_cores(kernel.asm["ttir"])
+            # half (or TF32) operands: a product belongs on tensor cores, unless the kernel's
+            # module declares this variant product-free and its TTIR has no tt.dot
+            has_dot = "tt.dot " in kernel.asm["ttir"]
+            free = _declared_product_free(fn, args, kwargs, extra)
+            row.tensor_core_expected = expects_tensor_cores(kernel.asm["ttir"]) or (tc and (has_dot or not free))
         except Exception as exc:  # a compile error is a result, not a crash
             lines = [line for line in str(exc).splitlines() if line.strip()]
             row.error = f"{type(exc).__name__}: {' '.join(lines[-3:])[:400]}"
@@ -173,6 +177,18 @@ def compiling(target: int, rows: list[Row], note: str):
         yield
     finally:
         Autotuner.run, JITFunction.run, driver._active = saved
+
+
+def _declared_product_free(fn, args, kwargs, extra) -> bool:
+    """Whether the kernel's module lists this launch in NO_PRODUCT_VARIANTS ({kernel name:
+    {constexpr: value}}: the variants with those values have no product by design)."""
+    variants = getattr(sys.modules.get(fn.fn.__module__), "NO_PRODUCT_VARIANTS", {})
+    if fn.__name__ not in variants:
+        return False
+    bound = dict(zip(fn.arg_names, args))
+    bound.update(kwargs)
+    bound.update(extra)
+    return all(bound.get(k) == v for k, v in variants[fn.__name__].items())
 
 
 def expects_tensor_cores(ttir: str) -> bool:

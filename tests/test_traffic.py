@@ -50,6 +50,28 @@ def test_eager_counter_counts_inputs_and_outputs_and_not_views():
     assert e.shape == (64,)
 
 
+def test_a_fastadapter_op_is_counted_by_its_kernels_not_again_as_a_whole():
+    """Under the Triton counter, a registered fastadapter op counts what its kernels move,
+    the same as the kernels called directly; an eager counter alone sees the op as one op
+    that reads its inputs and writes its outputs."""
+    import fastadapter as fa
+    from fastadapter.kernels import adapter as kernels
+
+    x, wd, bd, wu, bu = (torch.randn(*s) for s in ((40, 24), (4, 24), (4,), (24, 4), (24,)))
+    direct = traffic.TritonCounter(per_launch=(wd, bd, wu, bu))
+    with direct.counting():
+        kernels.adapter_forward(x, wd, bd, wu, bu, None, "relu", 1.0, True)
+    through_op = traffic.TritonCounter(per_launch=(wd, bd, wu, bu))
+    with through_op.counting():
+        fa.fused_adapter(x, wd, bd, wu, bu, backend="triton")
+    assert through_op.count() == direct.count() and direct.count().model > 0
+    with traffic.EagerCounter() as eager:
+        y = fa.fused_adapter(x, wd, bd, wu, bu, backend="reference")
+    assert [name for name, _ in eager.ops] == ["adapter_forward"]
+    z = 40 * 4 * 4  # the op's second output, fp32 [N, r]
+    assert eager.bytes == 4 * (x.numel() + wd.numel() + 4 + wu.numel() + 24 + y.numel()) + z
+
+
 def test_fused_adapter_counts_scale_linearly_and_halve_eager():
     """The counter on the real kernels, small: the Triton forward+backward's model bytes lie
     on a line in N (N = 128, 256, 384: one, two, three backward programs), so the line

@@ -148,8 +148,11 @@ def _auto(device: torch.device, dtype: torch.dtype, r: int, op: str) -> str:
         if backend is None:
             continue
         reason = backend.check(device, dtype, r)
-        if reason is None and op != "adapter" and backend.ops.get(op, (None, None, "no implementation", None))[2] is not None:
-            reason = f"no fused {op} kernel"
+        if reason is None and op != "adapter":
+            if op not in backend.ops:
+                reason = f"no implementation of {op}"
+            elif backend.ops[op][2] is not None:
+                reason = f"no fused {op} kernel"
         if reason is None:
             if skipped:
                 why = "; ".join(f"{name}: {reason}" for name, reason in skipped)

@@ -173,6 +173,24 @@ def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_d
 register_op("adapter_layernorm", "cpp", _cpu_site_forward, _cpu_site_backward, keeps_ln_input=True)
 
 
+# --------------------------------------------------------------------------- mixed_adapter on the CPU
+
+
+def _cpu_mixed_forward(x, index, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
+    fn = _module().mixed_adapter_forward_cpu
+    y, z = fn(x, index, w_down, b_down, w_up, b_up, residual, ACT_INDEX[activation], float(scaling), bool(residual_is_x))
+    return y, z
+
+
+def _cpu_mixed_backward(dy, x, index, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs):
+    fn = _module().mixed_adapter_backward_cpu
+    args = (ACT_INDEX[activation], float(scaling), bool(residual_is_x), list(needs))
+    return tuple(fn(dy, x, index, z, w_down, b_down, w_up, b_up, *args))
+
+
+register_op("mixed_adapter", "cpp", _cpu_mixed_forward, _cpu_mixed_backward)
+
+
 def _reference_site_forward(*args):
     from .reference import site_forward
 

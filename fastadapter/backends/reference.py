@@ -177,3 +177,56 @@ def site_backward(*args):
 
 
 register_op("adapter_layernorm", "reference", site_forward, site_backward, keeps_ln_input=True)
+
+
+# ----------------------------------------------------------------------------- mixed_adapter
+
+
+def _rows_of(index: torch.Tensor, a: int) -> torch.Tensor:
+    return (index == a).nonzero().view(-1)
+
+
+def mixed_forward(x, index, w_down, b_down, w_up, b_up, residual, activation, scaling, residual_is_x):
+    """A loop over the adapters: gather each adapter's rows, run the adapter, scatter back;
+    z in x's row order (zeros where index is -1)."""
+    acc = accumulation_dtype(x.dtype)
+    n, rk = x.shape[0], w_down.shape[1]
+    base = x if residual_is_x else residual
+    y = base.to(x.dtype).clone() if base is not None else torch.zeros_like(x)
+    z = x.new_zeros((n, rk), dtype=acc)
+    for a in range(w_down.shape[0]):
+        rows = _rows_of(index, a)
+        if rows.numel() == 0:
+            continue
+        res = None if residual is None or residual_is_x else residual.index_select(0, rows)
+        ya, za = forward(x.index_select(0, rows), w_down[a], None if b_down is None else b_down[a], w_up[a],
+                         None if b_up is None else b_up[a], res, activation, scaling, residual_is_x)  # fmt: skip
+        y.index_copy_(0, rows, ya)
+        z.index_copy_(0, rows, za)
+    return y, z
+
+
+def mixed_backward(dy, x, index, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs):
+    need_dx, need_dwd, need_dbd, need_dwu, need_dbu = needs
+    acc = z.dtype
+    dx = (dy.to(acc).clone() if residual_is_x else dy.new_zeros(dy.shape, dtype=acc)) if need_dx else None
+    dwd = torch.zeros(w_down.shape, dtype=acc, device=x.device) if need_dwd else None
+    dbd = torch.zeros(b_down.shape, dtype=acc, device=x.device) if need_dbd else None
+    dwu = torch.zeros(w_up.shape, dtype=acc, device=x.device) if need_dwu else None
+    dbu = torch.zeros(b_up.shape, dtype=acc, device=x.device) if need_dbu else None
+    for a in range(w_down.shape[0]):
+        rows = _rows_of(index, a)
+        if rows.numel() == 0:
+            continue
+        grads = backward(dy.index_select(0, rows), x.index_select(0, rows), z.index_select(0, rows), w_down[a],
+                         None if b_down is None else b_down[a], w_up[a], None if b_up is None else b_up[a], activation,
+                         scaling, residual_is_x, needs)  # fmt: skip
+        if need_dx:
+            dx.index_copy_(0, rows, grads[0].to(acc))
+        for out, grad in zip((dwd, dbd, dwu, dbu), grads[1:]):
+            if out is not None:
+                out[a] = grad
+    return dx, dwd, dbd, dwu, dbu
+
+
+register_op("mixed_adapter", "reference", mixed_forward, mixed_backward)
