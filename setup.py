@@ -20,8 +20,13 @@ if os.environ.get("FASTADAPTER_BUILD_EXT", "0") == "1":
     cuda = torch.version.cuda is not None and CUDA_HOME is not None
     # at::parallel_for in an extension compiled without -fopenmp runs on one thread
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info() else []
-    sources = ["csrc/binding.cpp", "csrc/adapter_cpu.cpp", "csrc/cpu_activation.cpp", "csrc/cpu_residual_gemm.cpp",
-               "csrc/mixed_adapter_cpu.cpp"]
+    sources = [
+        "csrc/binding.cpp",
+        "csrc/adapter_cpu.cpp",
+        "csrc/cpu_activation.cpp",
+        "csrc/cpu_residual_gemm.cpp",
+        "csrc/mixed_adapter_cpu.cpp",
+    ]
     defines = []
     if cuda:
         sources += ["csrc/adapter_cuda.cu", "csrc/adapter_cuda_binding.cpp"]
