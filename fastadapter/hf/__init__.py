@@ -6,6 +6,7 @@ from .config import AdapterConfig
 from .model import (
     active_adapter,
     adapter_configs,
+    adapter_routing,
     adapter_state_dict,
     add_adapters,
     mark_only_adapters_trainable,
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterConfig",
     "active_adapter",
     "adapter_configs",
+    "adapter_routing",
     "adapter_state_dict",
     "add_adapters",
     "load_adapterhub",

@@ -24,9 +24,10 @@ parallel replaces h by h + s*f(r).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,12 @@ from torch import nn
 
 from ..modules import FusedAdapter
 from ..ops.adapter_layernorm import adapter_layernorm
+from ..ops.mixed_adapter import mixed_adapter, stack_adapters
 from .config import AdapterConfig
 from .sites import Site, find_sites
 
 _CONFIGS = "_fastadapter_configs"  # model attribute: {name: AdapterConfig}
+_ROUTING = "_fastadapter_routing"  # site owner attribute inside adapter_routing: ids [batch]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -51,54 +54,111 @@ def _placements(owner: nn.Module) -> dict:
     return owner.__dict__.setdefault("_fastadapter_placement", {})
 
 
+class _Routed:
+    """Several active adapters at a site: their stacked weights and each row's adapter."""
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...], like: torch.Tensor):
+        ids = owner.__dict__.get(_ROUTING)
+        if ids is None:
+            raise RuntimeError(f"{len(names)} adapters are active ({', '.join(names)}): run the model inside "
+                               "fastadapter.adapter_routing(model, ids), which says which one each example takes")  # fmt: skip
+        present = [n for n in names if n in owner.adapters]  # leave_out may skip a layer for some
+        first = owner.adapters[present[0]]
+        self.activation, self.scaling = first.activation, first.scaling
+        self.weights = stack_adapters([owner.adapters[n] for n in present])
+        # position in the active list -> row of the stack (-1: this site has no such adapter)
+        remap = torch.tensor([present.index(n) if n in present else -1 for n in names] + [-1], device=ids.device)
+        if ids.shape[0] != like.shape[0]:
+            raise ValueError(f"adapter_routing has ids for {ids.shape[0]} examples, the batch has {like.shape[0]}")
+        per_example = remap[ids]  # ids == -1 reads the trailing -1
+        self.index = per_example.view(-1, *([1] * (like.dim() - 2))).expand(like.shape[:-1])
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return mixed_adapter(x, self.index, *self.weights, activation=self.activation, scaling=self.scaling,
+                             residual=residual)  # fmt: skip
+
+
+def _active_names(owner: nn.Module, placement: Optional[str] = None):
+    """None, one adapter name, or a tuple of names (several active), of the given placement."""
+    active = owner.__dict__.get("_fastadapter_active")
+    if active is None:
+        return None
+    names = active if isinstance(active, tuple) else (active,)
+    placements = _placements(owner)
+    if not any(n in placements for n in names):
+        return None
+    if placement is not None and placements[next(n for n in names if n in placements)] != placement:
+        return None
+    return active
+
+
 def _active(owner: nn.Module, placement: str) -> Optional[FusedAdapter]:
-    name = owner.__dict__.get("_fastadapter_active")
-    if name is None or _placements(owner).get(name) != placement:
+    name = _active_names(owner, placement)
+    if name is None or isinstance(name, tuple):
         return None
     return owner.adapters[name]
 
 
 def _houlsby_hook(module, args, output):  # on the module whose output is h
-    adapter = _active(module.__dict__[_OWNER], "houlsby")
+    owner = module.__dict__[_OWNER]
+    names = _active_names(owner, "houlsby")
+    if isinstance(names, tuple):
+        return _Routed(owner, names, output)(output, True)
+    adapter = _active(owner, "houlsby")
     return None if adapter is None else adapter(output)
 
 
 def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h + r
-    adapter = _active(module.__dict__[_OWNER], "pfeiffer")
-    if adapter is None:
+    owner = module.__dict__[_OWNER]
+    names = _active_names(owner, "pfeiffer")
+    if names is None:
         return None
-    return F.layer_norm(adapter(output, residual=args[0]), module.normalized_shape, module.weight, module.bias, module.eps)
+    if isinstance(names, tuple):
+        y = _Routed(owner, names, output)(output, args[0])
+    else:
+        y = owner.adapters[names](output, residual=args[0])
+    return F.layer_norm(y, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
+    names = _active_names(module, "parallel")
+    if isinstance(names, tuple):
+        return _Routed(module, names, output)(args[0], output)
     adapter = _active(module, "parallel")
     return None if adapter is None else adapter(args[0], residual=output)
 
 
-def _active_site(owner: nn.Module) -> tuple[Optional[FusedAdapter], Optional[str]]:
-    name = owner.__dict__.get("_fastadapter_active")
-    if name is None or name not in _placements(owner):
-        return None, None
-    return owner.adapters[name], _placements(owner)[name]
-
-
 def _bert_site_forward(owner, *args, **kwargs):
     """A BERT-style site module's forward with an adapter: LN(h + r + s*f(.)) as one op, with
-    h = dropout(dense(hidden_states)) and r = input_tensor; the module's own forward otherwise."""
-    adapter, placement = _active_site(owner)
-    if adapter is None:
+    h = dropout(dense(hidden_states)) and r = input_tensor; with several active adapters
+    (routed), the mixed-adapter op, the add and the LayerNorm; the module's own forward
+    when no adapter is active."""
+    names = _active_names(owner)
+    if names is None:
         return type(owner).forward(owner, *args, **kwargs)
-    names = ("hidden_states", "input_tensor")
-    values = dict(zip(names, args))
-    values.update({k: v for k, v in kwargs.items() if k in names})
-    unknown = set(kwargs) - set(names)
+    arg_names = ("hidden_states", "input_tensor")
+    values = dict(zip(arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in arg_names})
+    unknown = set(kwargs) - set(arg_names)
     if len(args) > 2 or unknown or len(values) != 2:
         raise TypeError(f"{type(owner).__name__} with adapters takes (hidden_states, input_tensor), got {len(args)} "
                         f"positional and {sorted(kwargs)} keyword arguments")  # fmt: skip
     h = owner.dropout(owner.dense(values["hidden_states"]))
     ln = owner.LayerNorm
+    placement = _placements(owner)[names if isinstance(names, str) else next(n for n in names if n in _placements(owner))]
+    r = values["input_tensor"]
+    if isinstance(names, tuple):
+        routed = _Routed(owner, names, h)
+        d = (h.shape[-1],)
+        if placement == "pfeiffer":
+            t = h + r
+            y = routed(F.layer_norm(t, d, ln.weight, ln.bias, ln.eps), t)
+        else:
+            y = routed(h if placement == "houlsby" else r, h + r)
+        return F.layer_norm(y, d, ln.weight, ln.bias, ln.eps)
+    adapter = owner.adapters[names]
     return adapter_layernorm(
-        h, values["input_tensor"], adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, ln.weight,
+        h, r, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, ln.weight,
         ln.bias, placement=placement, eps=ln.eps, activation=adapter.activation, scaling=adapter.scaling,
         backend=adapter.backend,
     )  # fmt: skip
@@ -174,18 +234,67 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name:
     return model
 
 
-def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
-    """Make ``name`` the adapter every layer applies; ``None`` switches all adapters off."""
+def set_active_adapter(model: nn.Module, name) -> None:
+    """Make ``name`` the adapter every layer applies; ``None`` switches all adapters off.
+
+    A list of names activates several adapters of one placement (and one activation and
+    scaling) at once: run the model inside :func:`adapter_routing`, which says which of
+    them each example of the batch takes. A list of one name is that name."""
     configs = model.__dict__.get(_CONFIGS, {})
-    if name is not None and name not in configs:
-        raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")
+    names = [name] if name is None or isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError("set_active_adapter takes a name, a list of names or None, got an empty list")
+    for n in names:
+        if n is not None and n not in configs:
+            raise ValueError(f"no adapter named {n!r}; the model has: {', '.join(configs) or 'none'}")
+    if len(names) > 1:
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_active_adapter got a name twice: {names}")
+        first = configs[names[0]]
+        for n in names[1:]:
+            for attr in ("placement", "activation", "scaling"):
+                if getattr(configs[n], attr) != getattr(first, attr):
+                    raise ValueError(f"adapters active together must share their {attr}: {names[0]!r} has "
+                                     f"{getattr(first, attr)!r}, {n!r} has {getattr(configs[n], attr)!r}")  # fmt: skip
+    active = names[0] if len(names) == 1 else tuple(names)
     for site in find_sites(model):
-        site.owner.__dict__["_fastadapter_active"] = name
-    model.__dict__["_fastadapter_active"] = name
+        site.owner.__dict__["_fastadapter_active"] = active
+    model.__dict__["_fastadapter_active"] = active
 
 
-def active_adapter(model: nn.Module) -> Optional[str]:
-    return model.__dict__.get("_fastadapter_active")
+def active_adapter(model: nn.Module):
+    """The active adapter's name, a list of names (several active), or None."""
+    active = model.__dict__.get("_fastadapter_active")
+    return list(active) if isinstance(active, tuple) else active
+
+
+@contextlib.contextmanager
+def adapter_routing(model: nn.Module, ids) -> Iterator[None]:
+    """Within the block, example b of each batch takes active adapter ``ids[b]`` (an index
+    into the list given to :func:`set_active_adapter`; -1: no adapter), forward and
+    backward, every site as one mixed-adapter op. Run the backward inside the block too
+    (gradient checkpointing recomputes the forward there)."""
+    active = model.__dict__.get("_fastadapter_active")
+    count = len(active) if isinstance(active, tuple) else (0 if active is None else 1)
+    ids = torch.as_tensor(ids)
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
+        raise TypeError(f"ids must be a 1-D integer tensor or list (one per example), got {ids.dtype} of shape {list(ids.shape)}")
+    if count < 2:
+        raise ValueError("adapter_routing needs several active adapters: set_active_adapter(model, [name, ...])")
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= count):
+        raise ValueError(f"ids must lie in [-1, {count}) (the {count} active adapters: {active_adapter(model)}), "
+                         f"got {ids.tolist()}")  # fmt: skip
+    device = next(model.parameters()).device
+    ids = ids.to(device=device, dtype=torch.int64)
+    owners = [site.owner for site in find_sites(model)]
+    saved = [o.__dict__.get(_ROUTING) for o in owners]
+    for o in owners:
+        o.__dict__[_ROUTING] = ids
+    try:
+        yield
+    finally:
+        for o, old in zip(owners, saved):
+            o.__dict__[_ROUTING] = old
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -193,7 +302,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     configs = model.__dict__.get(_CONFIGS, {})
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")
-    if active_adapter(model) == name:
+    active = active_adapter(model)
+    if active == name or (isinstance(active, list) and name in active):
         set_active_adapter(model, None)
     for site in find_sites(model):
         if isinstance(getattr(site.owner, "adapters", None), nn.ModuleDict) and name in site.owner.adapters:
