@@ -20,6 +20,10 @@ which runs the module's own forward whenever no adapter of its placement is acti
 DistilBERT, whose LayerNorms sit in the transformer block, the adapter op runs from hooks:
 houlsby replaces h by h + s*f(h); pfeiffer re-normalizes t + s*f(LN(t)) with t = h + r;
 parallel replaces h by h + s*f(r).
+
+Several adapters of one placement may be active at once (``set_active_adapter(model,
+[names])``); inside ``adapter_routing(model, ids)`` each site then stacks them and runs
+the mixed-adapter op, example b through adapter ``ids[b]``.
 """
 
 from __future__ import annotations
