@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--eval-fraction", type=float, default=0.2)
-    t.add_argument("--limit-per-label", type=int, default=None, help="use at most this many articles per topic")
+    t.add_argument("--limit-per-label", type=int, default=None,
+                   help="use at most this many examples per label (BBC: all by default; sentiment: 1000)")  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--output", default="runs/bbc", help="where the adapters, head and metrics go")
