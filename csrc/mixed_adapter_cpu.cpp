@@ -1,7 +1,8 @@
 // Mixed adapters on the CPU: one stable sort of index groups the rows by adapter; each
-// adapter's rows are gathered once, run through the fused adapter kernels of
-// adapter_cpu.cpp (whose GEMMs need the rows contiguous), and scattered back once. The
-// loop over the adapters is here, in C++; an adapter no row uses costs nothing.
+// adapter's rows are gathered once (a parallel memcpy per row), run through the fused
+// adapter kernels of adapter_cpu.cpp (whose GEMMs need the rows contiguous), and scattered
+// back once. The loop over the adapters is here, in C++; an adapter no row uses costs
+// nothing.
 //   forward:  y[rows(-1)] = R[rows(-1)] (or 0); y[rows(a)] = adapter_a(x[rows(a)], R[rows(a)])
 //   backward: dx[rows(a)] = adapter_a'(dy[rows(a)]); dx[rows(-1)] = dy (residual x) or 0;
 //             the weight gradients of adapter a from its rows alone.
@@ -11,7 +12,6 @@
 #include "mixed_adapter_cpu.h"
 
 #include <ATen/ATen.h>
-
 #include <ATen/Parallel.h>
 
 #include "adapter_cpu.h"

@@ -31,6 +31,8 @@ def make_mixed(n, d, r, adapters, dtype=torch.float32, wdtype=None, bias=True, s
         x = torch.randn(d, *shape, generator=g).movedim(0, -1)
     elif layout == "strided":
         x = torch.randn(*shape, 2 * d, generator=g)[..., ::2]
+    elif layout == "padded":  # rows contiguous, with a gap between them
+        x = torch.randn(*shape, d + 5, generator=g)[..., :d]
     else:
         x = torch.randn(*shape, d, generator=g)
     index = torch.randint(0, adapters, shape, generator=g)
@@ -132,7 +134,8 @@ def test_fp32_weights_half_activations(backend, dtype):
 @pytest.mark.parametrize(
     "lead, d, r, adapters, layout",
     [((0,), 16, 4, 3, "contiguous"), ((1,), 16, 4, 3, "contiguous"), ((3, 17), 33, 1, 2, "contiguous"),
-     ((2, 0, 3), 24, 4, 2, "contiguous"), ((50,), 31, 5, 1, "transposed"), ((4, 25), 40, 8, 5, "strided")],
+     ((2, 0, 3), 24, 4, 2, "contiguous"), ((50,), 31, 5, 1, "transposed"), ((4, 25), 40, 8, 5, "strided"),
+     ((70,), 36, 6, 3, "padded")],
 )  # fmt: skip
 def test_odd_shapes_and_layouts(backend, lead, d, r, adapters, layout):
     require(backend, "cpu")
