@@ -85,6 +85,46 @@ def check_inputs(
         raise ValueError(f"scaling must be finite, got {scaling}")
 
 
+def backend_arg(backend: Optional[str]) -> str:
+    """The ``backend`` argument of a public op: None becomes "auto"; an unknown name fails
+    here, before any work."""
+    if backend is None:
+        return backends.AUTO
+    if backend != backends.AUTO:
+        backends.get(backend)
+    return backend
+
+
+def residual_arg(residual: Union[bool, Tensor]) -> tuple[bool, Optional[Tensor]]:
+    """(residual_is_x, residual tensor or None) of a public op's ``residual`` argument."""
+    if isinstance(residual, bool):
+        return residual, None
+    if isinstance(residual, Tensor):
+        return False, residual
+    raise TypeError(f"residual must be True, False or a tensor, got {type(residual).__name__}")
+
+
+def checked_grads(backend: str, needs, grads, likes, names, base: Tensor) -> tuple[Tensor, ...]:
+    """A backward op's outputs: each needed gradient in its input's dtype (a backend that
+    returns a missing or misshapen one is an error), an empty tensor like ``base`` where
+    not needed (one per output: a custom op's outputs may not alias each other)."""
+    out = []
+    for need, grad, like, gname in zip(needs, grads, likes, names):
+        if not need:
+            out.append(base.new_empty(0))
+            continue
+        if grad is None or grad.shape != like.shape:
+            raise RuntimeError(f"backend {backend!r} returned a bad {gname}: {None if grad is None else _shape(grad)}")
+        out.append(grad.to(like.dtype))
+    return tuple(out)
+
+
+def fake_grads(needs, likes, base: Tensor) -> tuple[Tensor, ...]:
+    """The fake (meta) outputs of a backward op: a tensor like each needed input, else an
+    empty tensor like ``base``."""
+    return tuple(torch.empty_like(like) if need else base.new_empty(0) for need, like in zip(needs, likes))
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -151,23 +191,12 @@ def adapter_backward(
     grads = backends.get(name).backward(
         dy, x, z, w_down, b_down, w_up, b_up, canonical_activation(activation), scaling, residual_is_x, needs
     )
-    likes = (x, w_down, b_down, w_up, b_up)
-    out = []
-    for need, grad, like, gname in zip(needs, grads, likes, _GRAD_NAMES):
-        if not need:
-            out.append(x.new_empty(0))
-            continue
-        if grad is None or grad.shape != like.shape:
-            raise RuntimeError(f"backend {name!r} returned a bad {gname}: {None if grad is None else _shape(grad)}")
-        out.append(grad.to(like.dtype))
-    return tuple(out)
+    return checked_grads(name, needs, grads, (x, w_down, b_down, w_up, b_up), _GRAD_NAMES, x)
 
 
 @adapter_backward.register_fake
 def _(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs, backend):
-    needs = _needs(needs, b_down, b_up)
-    likes = (x, w_down, b_down, w_up, b_up)
-    return tuple(torch.empty_like(like) if need else x.new_empty(0) for need, like in zip(needs, likes))
+    return fake_grads(_needs(needs, b_down, b_up), (x, w_down, b_down, w_up, b_up), x)
 
 
 def _needs(needs, b_down, b_up) -> tuple[bool, ...]:
@@ -238,16 +267,8 @@ def fused_adapter(
     dtype first; the weights keep theirs.
     """
     activation = canonical_activation(activation)
-    if isinstance(residual, bool):
-        residual_is_x, residual_t = residual, None
-    elif isinstance(residual, Tensor):
-        residual_is_x, residual_t = False, residual
-    else:
-        raise TypeError(f"residual must be True, False or a tensor, got {type(residual).__name__}")
-    if backend is None:
-        backend = backends.AUTO
-    elif backend != backends.AUTO:
-        backends.get(backend)  # unknown names fail here, before any work
+    residual_is_x, residual_t = residual_arg(residual)
+    backend = backend_arg(backend)
     check_inputs(x, w_down, b_down, w_up, b_up, residual_t, scaling)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))

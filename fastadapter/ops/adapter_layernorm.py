@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import backends
 from ..activations import canonical_activation
-from .adapter import FLOAT_DTYPES, _shape, check_inputs
+from .adapter import FLOAT_DTYPES, _shape, backend_arg, check_inputs, checked_grads, fake_grads
 
 OP = "adapter_layernorm"
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
@@ -177,15 +177,7 @@ def adapter_layernorm_backward(
         canonical_activation(activation), scaling, needs,
     )  # fmt: skip
     likes = (dout, dout, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
-    out = []
-    for need, grad, like, gname in zip(needs, grads, likes, _GRAD_NAMES):
-        if not need:
-            out.append(h.new_empty(0))
-            continue
-        if grad is None or grad.shape != like.shape:
-            raise RuntimeError(f"backend {name!r} returned a bad {gname}: {None if grad is None else _shape(grad)}")
-        out.append(grad.to(like.dtype))
-    return tuple(out)
+    return checked_grads(name, needs, grads, likes, _GRAD_NAMES, h)
 
 
 @adapter_layernorm_backward.register_fake
@@ -194,7 +186,7 @@ def _(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, 
     needs = _needs(needs, b_down, b_up, ln_weight, ln_bias)
     _check_saved(dout, h, r, z, v, canonical_placement(placement))
     likes = (dout, dout, w_down, b_down, w_up, b_up, ln_weight, ln_bias)
-    return tuple(torch.empty_like(like) if need else h.new_empty(0) for need, like in zip(needs, likes))
+    return fake_grads(needs, likes, h)
 
 
 def _check_saved(dout, h, r, z, v, placement) -> None:
@@ -289,10 +281,7 @@ def adapter_layernorm(
     """
     placement = canonical_placement(placement)
     activation = canonical_activation(activation)
-    if backend is None:
-        backend = backends.AUTO
-    elif backend != backends.AUTO:
-        backends.get(backend)
+    backend = backend_arg(backend)
     check_site_inputs(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, eps, scaling)
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)

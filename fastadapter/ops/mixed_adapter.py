@@ -25,11 +25,20 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..activations import canonical_activation
-from .adapter import FLOAT_DTYPES, _acc_dtype, _shape
+from .adapter import (
+    _GRAD_NAMES,
+    FLOAT_DTYPES,
+    _acc_dtype,
+    _needs,
+    _shape,
+    backend_arg,
+    checked_grads,
+    fake_grads,
+    residual_arg,
+)
 
 OP = "mixed_adapter"
 INDEX_DTYPES = (torch.int64, torch.int32)
-_GRAD_NAMES = ("dx", "dw_down", "db_down", "dw_up", "db_up")
 
 
 def check_mixed_inputs(x, index, w_down, b_down, w_up, b_up, residual, scaling, check_range: bool = True) -> None:
@@ -150,32 +159,12 @@ def mixed_adapter_backward(
     name, (_, backward) = _resolve(backend, x, w_down.shape[1])
     grads = backward(dy, x, index, z, w_down, b_down, w_up, b_up, canonical_activation(activation), scaling, residual_is_x,
                      needs)  # fmt: skip
-    likes = (x, w_down, b_down, w_up, b_up)
-    out = []
-    for need, grad, like, gname in zip(needs, grads, likes, _GRAD_NAMES):
-        if not need:
-            out.append(x.new_empty(0))
-            continue
-        if grad is None or grad.shape != like.shape:
-            raise RuntimeError(f"backend {name!r} returned a bad {gname}: {None if grad is None else _shape(grad)}")
-        out.append(grad.to(like.dtype))
-    return tuple(out)
+    return checked_grads(name, needs, grads, (x, w_down, b_down, w_up, b_up), _GRAD_NAMES, x)
 
 
 @mixed_adapter_backward.register_fake
 def _(dy, x, index, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs, backend):
-    needs = _needs(needs, b_down, b_up)
-    likes = (x, w_down, b_down, w_up, b_up)
-    return tuple(torch.empty_like(like) if need else x.new_empty(0) for need, like in zip(needs, likes))
-
-
-def _needs(needs, b_down, b_up) -> tuple[bool, ...]:
-    if len(needs) != 5:
-        raise ValueError(f"needs must have 5 flags ({', '.join(_GRAD_NAMES)}), got {len(needs)}")
-    n = [bool(v) for v in needs]
-    n[2] = n[2] and b_down is not None
-    n[4] = n[4] and b_up is not None
-    return tuple(n)
+    return fake_grads(_needs(needs, b_down, b_up), (x, w_down, b_down, w_up, b_up), x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -235,16 +224,8 @@ def mixed_adapter(
     adapter's, from one backward call) and a residual tensor.
     """
     activation = canonical_activation(activation)
-    if isinstance(residual, bool):
-        residual_is_x, residual_t = residual, None
-    elif isinstance(residual, Tensor):
-        residual_is_x, residual_t = False, residual
-    else:
-        raise TypeError(f"residual must be True, False or a tensor, got {type(residual).__name__}")
-    if backend is None:
-        backend = backends.AUTO
-    elif backend != backends.AUTO:
-        backends.get(backend)
+    residual_is_x, residual_t = residual_arg(residual)
+    backend = backend_arg(backend)
     check_mixed_inputs(x, index, w_down, b_down, w_up, b_up, residual_t, scaling, check_range=False)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
