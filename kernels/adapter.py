@@ -118,6 +118,59 @@ def _accumulate_product(ptr, a, b, mask, ADD, PRECISION: tl.constexpr, UPCAST: t
 
 
 @triton.jit
+def _fwd_rows(
+    x_rows, x_off, res_rows, res_off, y_rows, y_off, z_rows, m, mask_m, WD, BD, WU, BU,
+    D, R, scaling, stride_xd, stride_rd, stride_wdr, stride_wdd, stride_wud, stride_wur,
+    ACT: tl.constexpr, RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The forward of one block of rows: row i of the block is x_rows + x_off[i] (and so for
+    the residual and y); z goes to z_rows, BLOCK_M contiguous rows of R."""
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    k = tl.arange(0, BLOCK_K)
+    dtype = x_rows.dtype.element_ty
+
+    # z = x @ W_down.T + b_down
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    x_chunk = x_rows  # 64-bit base of the chunk, advanced BLOCK_K columns a step
+    for k0 in range(0, D, BLOCK_K):
+        mask_k = k < D - k0
+        x = tl.load(x_chunk + (x_off[:, None] + k[None, :] * stride_xd),
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+        x_chunk += BLOCK_K * stride_xd
+        wd = tl.load(WD + k0 * stride_wdd + (rr[None, :] * stride_wdr + k[:, None] * stride_wdd),
+                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # fmt: skip
+        acc = _mma(x, wd.to(dtype), acc, PRECISION, UPCAST)
+    if HAS_BD:
+        acc += tl.load(BD + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_rows + (m[:, None] * R + rr[None, :]), acc, mask=mask_m[:, None] & mask_r[None, :])
+    a = tl.where(mask_r[None, :], _act(acc, ACT), 0.0).to(dtype)
+
+    # y = R + s * (a @ W_up.T + b_up), chunk by chunk
+    x_chunk = x_rows
+    r_chunk = res_rows
+    for k0 in range(0, D, BLOCK_K):
+        mask_k = k < D - k0
+        mask = mask_m[:, None] & mask_k[None, :]
+        wu = tl.load(WU + k0 * stride_wud + (k[None, :] * stride_wud + rr[:, None] * stride_wur),
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+        u = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if HAS_BU:
+            u += tl.load(BU + k0 + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        u = _mma(a, wu.to(dtype), u, PRECISION, UPCAST)
+        out = u * scaling
+        if RES == 1:  # the block's own x again: an L2 hit
+            out += tl.load(x_chunk + (x_off[:, None] + k[None, :] * stride_xd), mask=mask, other=0.0).to(tl.float32)
+            x_chunk += BLOCK_K * stride_xd
+        elif RES == 2:
+            out += tl.load(r_chunk + (res_off[:, None] + k[None, :] * stride_rd), mask=mask, other=0.0).to(tl.float32)
+            r_chunk += BLOCK_K * stride_rd
+        tl.store(y_rows + k0 + (y_off[:, None] + k[None, :]), out.to(dtype), mask=mask)
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     X, WD, BD, WU, BU, RES_PTR, Y, Z,
     N, D, R, scaling,
@@ -130,51 +183,12 @@ def _adapter_fwd_kernel(
     # 64-bit bases of the block's rows; 32-bit offsets inside a tile (the launcher copies
     # an input whose tile would span 2**31 elements)
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    x_rows = X + row0 * stride_xm
     m = tl.arange(0, BLOCK_M)
-    mask_m = m < N - row0
-    rr = tl.arange(0, BLOCK_R)
-    mask_r = rr < R
-    k = tl.arange(0, BLOCK_K)
-    dtype = X.dtype.element_ty
-
-    # z = x @ W_down.T + b_down
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    x_chunk = x_rows  # 64-bit base of the chunk, advanced BLOCK_K columns a step
-    for k0 in range(0, D, BLOCK_K):
-        mask_k = k < D - k0
-        x = tl.load(x_chunk + (m[:, None] * stride_xm + k[None, :] * stride_xd),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-        x_chunk += BLOCK_K * stride_xd
-        wd = tl.load(WD + k0 * stride_wdd + (rr[None, :] * stride_wdr + k[:, None] * stride_wdd),
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # fmt: skip
-        acc = _mma(x, wd.to(dtype), acc, PRECISION, UPCAST)
-    if HAS_BD:
-        acc += tl.load(BD + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    tl.store(Z + row0 * R + (m[:, None] * R + rr[None, :]), acc, mask=mask_m[:, None] & mask_r[None, :])
-    a = tl.where(mask_r[None, :], _act(acc, ACT), 0.0).to(dtype)
-
-    # y = R + s * (a @ W_up.T + b_up), chunk by chunk
-    y_rows = Y + row0 * D
-    x_chunk = x_rows
-    r_chunk = RES_PTR + row0 * stride_rm
-    for k0 in range(0, D, BLOCK_K):
-        mask_k = k < D - k0
-        mask = mask_m[:, None] & mask_k[None, :]
-        wu = tl.load(WU + k0 * stride_wud + (k[None, :] * stride_wud + rr[:, None] * stride_wur),
-                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-        u = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        if HAS_BU:
-            u += tl.load(BU + k0 + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        u = _mma(a, wu.to(dtype), u, PRECISION, UPCAST)
-        out = u * scaling
-        if RES == 1:  # the block's own x again: an L2 hit
-            out += tl.load(x_chunk + (m[:, None] * stride_xm + k[None, :] * stride_xd), mask=mask, other=0.0).to(tl.float32)
-            x_chunk += BLOCK_K * stride_xd
-        elif RES == 2:
-            out += tl.load(r_chunk + (m[:, None] * stride_rm + k[None, :] * stride_rd), mask=mask, other=0.0).to(tl.float32)
-            r_chunk += BLOCK_K * stride_rd
-        tl.store(y_rows + k0 + (m[:, None] * D + k[None, :]), out.to(dtype), mask=mask)
+    _fwd_rows(
+        X + row0 * stride_xm, m * stride_xm, RES_PTR + row0 * stride_rm, m * stride_rm, Y + row0 * D, m * D, Z + row0 * R,
+        m, m < N - row0, WD, BD, WU, BU, D, R, scaling, stride_xd, stride_rd, stride_wdr, stride_wdd, stride_wud, stride_wur,
+        ACT, RES, HAS_BD, HAS_BU, PRECISION, UPCAST, BLOCK_R, BLOCK_M, BLOCK_K,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- backward
@@ -182,29 +196,30 @@ def _adapter_fwd_kernel(
 
 @triton.jit
 def _bwd_phase1_chunk(
-    DY, Z, WU, dwu_slice, dbu_slice, dbd_slice, row0, m, mask_m, add, j0, c, k,
-    D, R, scaling, stride_dym, stride_dyd, stride_wud, stride_wur,
+    dy_rows, dy_off, z_rows, WU, dwu_slice, dbu_slice, dbd_slice, m, mask_m, add, j0, c, k,
+    D, R, scaling, stride_dyd, stride_wud, stride_wur,
     ACT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DBD: tl.constexpr, NEED_DWU: tl.constexpr, NEED_DBU: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Phase 1 for one block of rows and the bottleneck columns j0 + c, over d:
-    da = dy @ W_up, dW_up.T += a.T @ dy, db_up += sum(dy) (with the first chunk); returns
+    """Phase 1 for one block of rows (row i at dy_rows + dy_off[i]; z at z_rows, BLOCK_M
+    contiguous rows of R) and the bottleneck columns j0 + c, over d: da = dy @ W_up,
+    dW_up.T += a.T @ dy, db_up += sum(dy) (with the first chunk); returns
     dz = s * da * act'(z) in x's dtype (zeros where not NEED_DZ), db_down += sum(dz)."""
-    dtype = DY.dtype.element_ty
+    dtype = dy_rows.dtype.element_ty
     rr = j0 + c
     mask_r = rr < R
     mask_mr = mask_m[:, None] & mask_r[None, :]
-    z_tile = Z + row0 * R + (m[:, None] * R + rr[None, :])
+    z_tile = z_rows + (m[:, None] * R + rr[None, :])
     if NEED_DWU:
         # a.T: the loop-invariant operand goes first, where the tensor-core layouts split it
         # across warps instead of copying it to each
         a = tl.load(z_tile, mask=mask_mr, other=0.0)
         a_t = tl.trans(tl.where(mask_mr, _act(a, ACT), 0.0).to(dtype))
     da = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-    dy_chunk = DY + row0 * stride_dym  # 64-bit base of the chunk, advanced BLOCK_K columns a step
+    dy_chunk = dy_rows  # 64-bit base of the chunk, advanced BLOCK_K columns a step
     for k0 in range(0, D, BLOCK_K):
         mask_k = k < D - k0
-        dy = tl.load(dy_chunk + (m[:, None] * stride_dym + k[None, :] * stride_dyd),
+        dy = tl.load(dy_chunk + (dy_off[:, None] + k[None, :] * stride_dyd),
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
         dy_chunk += BLOCK_K * stride_dyd
         if NEED_DZ:
@@ -250,6 +265,81 @@ def _bwd_phase2_chunk(
 
 
 @triton.jit
+def _bwd_rows(
+    dy_rows, dy_off, x_rows, x_off, dx_rows, dx_off, z_rows, dzs_rows, m, mask_m, add,
+    WD, WU, dwu_slice, dwd_slice, dbu_slice, dbd_slice, c, k,
+    D, R, scaling, stride_dyd, stride_xd, stride_wdr, stride_wdd, stride_wud, stride_wur,
+    ACT: tl.constexpr, RES_X: tl.constexpr, PHASE1: tl.constexpr, PHASE2: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DBD: tl.constexpr,
+    NEED_DWU: tl.constexpr, NEED_DBU: tl.constexpr, STORE_DZ: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The backward of one block of rows: row i at dy_rows + dy_off[i] (so for x and dx);
+    z and the stored dz at z_rows and dzs_rows, BLOCK_M contiguous rows of R and BLOCK_R.
+    ``add``: whether the block adds to the program's partial sums (False: it writes them)."""
+    # PHASE1 and PHASE2 in one launch where the bottleneck fits one chunk (BLOCK_R ==
+    # R_CHUNK): dz stays in registers. Wider bottlenecks go in chunks of R_CHUNK columns,
+    # one chunk at a time (the tensor-core layouts give every warp whole rows of each
+    # accumulator, so a chunk bounds the registers), and in separate launches: phase 1
+    # stores dz to dzs_rows (rows of BLOCK_R in x's dtype), phase 2 (dx, or dW_down) reads it back.
+    NEED_DZ: tl.constexpr = NEED_DBD or STORE_DZ or (PHASE2 and (NEED_DX or NEED_DWD))
+    FUSED: tl.constexpr = PHASE1 and PHASE2
+    tl.static_assert(not FUSED or BLOCK_R == R_CHUNK, "one launch takes one chunk of the bottleneck")
+    dtype = x_rows.dtype.element_ty
+    if FUSED:
+        dz = _bwd_phase1_chunk(
+            dy_rows, dy_off, z_rows, WU, dwu_slice, dbu_slice, dbd_slice, m, mask_m, add, 0, c, k,
+            D, R, scaling, stride_dyd, stride_wud, stride_wur,
+            ACT, NEED_DZ, NEED_DBD, NEED_DWU, NEED_DBU, PRECISION, UPCAST, BLOCK_M, BLOCK_K, R_CHUNK,
+        )  # fmt: skip
+    elif PHASE1:
+        for j0 in range(0, BLOCK_R, R_CHUNK):  # a loop, not unrolled: one chunk's registers at a time
+            dzj = _bwd_phase1_chunk(
+                dy_rows, dy_off, z_rows, WU, dwu_slice, dbu_slice, dbd_slice, m, mask_m, add, j0, c, k,
+                D, R, scaling, stride_dyd, stride_wud, stride_wur,
+                ACT, NEED_DZ, NEED_DBD, NEED_DWU, NEED_DBU, PRECISION, UPCAST, BLOCK_M, BLOCK_K, R_CHUNK,
+            )  # fmt: skip
+            if STORE_DZ:
+                mask_mr = mask_m[:, None] & (j0 + c < R)[None, :]
+                tl.store(dzs_rows + (m[:, None] * BLOCK_R + (j0 + c)[None, :]), dzj, mask=mask_mr)
+
+    # phase 2, over d: dx = dz @ W_down (+ dy), dW_down += dz.T @ x
+    if PHASE2 and (NEED_DX or NEED_DWD):
+        if FUSED:
+            dz_t = tl.trans(dz)
+        x_chunk = x_rows
+        dy_chunk = dy_rows
+        for k0 in range(0, D, BLOCK_K):
+            mask_k = k < D - k0
+            mask = mask_m[:, None] & mask_k[None, :]
+            dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            if NEED_DX and RES_X:  # the block's own dy chunk again: an L2 hit
+                dx = tl.load(dy_chunk + (dy_off[:, None] + k[None, :] * stride_dyd), mask=mask, other=0.0)
+                dx = dx.to(tl.float32)
+                dy_chunk += BLOCK_K * stride_dyd
+            x = tl.zeros((BLOCK_M, BLOCK_K), dtype=dtype)
+            if NEED_DWD:
+                x = tl.load(x_chunk + (x_off[:, None] + k[None, :] * stride_xd), mask=mask, other=0.0)
+                x_chunk += BLOCK_K * stride_xd
+            if FUSED:
+                dx = _bwd_phase2_chunk(
+                    dz, dz_t, dx, x, WD, dwd_slice, add, k0, c, k, mask_k, D, R, stride_wdr, stride_wdd,
+                    NEED_DX, NEED_DWD, PRECISION, UPCAST,
+                )  # fmt: skip
+            else:
+                for j0 in range(0, BLOCK_R, R_CHUNK):  # dz of each chunk from phase 1's launch
+                    mask_mr = mask_m[:, None] & (j0 + c < R)[None, :]
+                    dzj = tl.load(dzs_rows + (m[:, None] * BLOCK_R + (j0 + c)[None, :]), mask=mask_mr, other=0.0)
+                    dx = _bwd_phase2_chunk(
+                        dzj, tl.trans(dzj), dx, x, WD, dwd_slice, add, k0, j0 + c, k, mask_k, D, R,
+                        stride_wdr, stride_wdd, NEED_DX, NEED_DWD, PRECISION, UPCAST,
+                    )  # fmt: skip
+            if NEED_DX:
+                tl.store(dx_rows + k0 + (dx_off[:, None] + k[None, :]), dx.to(dtype), mask=mask)
+
+
+@triton.jit
 def _adapter_bwd_kernel(
     DY, X, Z, WD, WU, DX, DZS, DWU_P, DWD_P, DBU_P, DBD_P,
     N, D, R, rows_per_program, scaling,
@@ -261,83 +351,26 @@ def _adapter_bwd_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # PHASE1 and PHASE2 in one launch where the bottleneck fits one chunk (BLOCK_R ==
-    # R_CHUNK): dz stays in registers. Wider bottlenecks go in chunks of R_CHUNK columns,
-    # one chunk at a time (the tensor-core layouts give every warp whole rows of each
-    # accumulator, so a chunk bounds the registers), and in separate launches: phase 1
-    # stores dz to DZS ([N, BLOCK_R] in x's dtype), phase 2 (dx, or dW_down) reads it back.
-    NEED_DZ: tl.constexpr = NEED_DBD or STORE_DZ or (PHASE2 and (NEED_DX or NEED_DWD))
-    FUSED: tl.constexpr = PHASE1 and PHASE2
-    tl.static_assert(not FUSED or BLOCK_R == R_CHUNK, "one launch takes one chunk of the bottleneck")
     pid = tl.program_id(0).to(tl.int64)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, N)
     m = tl.arange(0, BLOCK_M)
     k = tl.arange(0, BLOCK_K)
     c = tl.arange(0, R_CHUNK)
-    dtype = X.dtype.element_ty
     # the program's own slices of the partial sums (d * r < 2**31: 32-bit offsets inside)
     dwu_slice = DWU_P + pid * R * D  # dW_up.T, [r, d]
     dwd_slice = DWD_P + pid * R * D
     dbu_slice = DBU_P + pid * D
     dbd_slice = DBD_P + pid * R
-
     for row0 in range(first, last, BLOCK_M):
-        mask_m = m < last - row0
-        add = row0 > first  # the program's first block writes its partials, later blocks add
-        dzs_rows = DZS + row0 * BLOCK_R  # rows padded to BLOCK_R: aligned whatever r is
-
-        if FUSED:
-            dz = _bwd_phase1_chunk(
-                DY, Z, WU, dwu_slice, dbu_slice, dbd_slice, row0, m, mask_m, add, 0, c, k,
-                D, R, scaling, stride_dym, stride_dyd, stride_wud, stride_wur,
-                ACT, NEED_DZ, NEED_DBD, NEED_DWU, NEED_DBU, PRECISION, UPCAST, BLOCK_M, BLOCK_K, R_CHUNK,
-            )  # fmt: skip
-        elif PHASE1:
-            for j0 in range(0, BLOCK_R, R_CHUNK):  # a loop, not unrolled: one chunk's registers at a time
-                dzj = _bwd_phase1_chunk(
-                    DY, Z, WU, dwu_slice, dbu_slice, dbd_slice, row0, m, mask_m, add, j0, c, k,
-                    D, R, scaling, stride_dym, stride_dyd, stride_wud, stride_wur,
-                    ACT, NEED_DZ, NEED_DBD, NEED_DWU, NEED_DBU, PRECISION, UPCAST, BLOCK_M, BLOCK_K, R_CHUNK,
-                )  # fmt: skip
-                if STORE_DZ:
-                    mask_mr = mask_m[:, None] & (j0 + c < R)[None, :]
-                    tl.store(dzs_rows + (m[:, None] * BLOCK_R + (j0 + c)[None, :]), dzj, mask=mask_mr)
-
-        # phase 2, over d: dx = dz @ W_down (+ dy), dW_down += dz.T @ x
-        if PHASE2 and (NEED_DX or NEED_DWD):
-            if FUSED:
-                dz_t = tl.trans(dz)
-            x_chunk = X + row0 * stride_xm
-            dy_chunk = DY + row0 * stride_dym
-            dx_rows = DX + row0 * D
-            for k0 in range(0, D, BLOCK_K):
-                mask_k = k < D - k0
-                mask = mask_m[:, None] & mask_k[None, :]
-                dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                if NEED_DX and RES_X:  # the block's own dy chunk again: an L2 hit
-                    dx = tl.load(dy_chunk + (m[:, None] * stride_dym + k[None, :] * stride_dyd), mask=mask, other=0.0)
-                    dx = dx.to(tl.float32)
-                    dy_chunk += BLOCK_K * stride_dyd
-                x = tl.zeros((BLOCK_M, BLOCK_K), dtype=dtype)
-                if NEED_DWD:
-                    x = tl.load(x_chunk + (m[:, None] * stride_xm + k[None, :] * stride_xd), mask=mask, other=0.0)
-                    x_chunk += BLOCK_K * stride_xd
-                if FUSED:
-                    dx = _bwd_phase2_chunk(
-                        dz, dz_t, dx, x, WD, dwd_slice, add, k0, c, k, mask_k, D, R, stride_wdr, stride_wdd,
-                        NEED_DX, NEED_DWD, PRECISION, UPCAST,
-                    )  # fmt: skip
-                else:
-                    for j0 in range(0, BLOCK_R, R_CHUNK):  # dz of each chunk from phase 1's launch
-                        mask_mr = mask_m[:, None] & (j0 + c < R)[None, :]
-                        dzj = tl.load(dzs_rows + (m[:, None] * BLOCK_R + (j0 + c)[None, :]), mask=mask_mr, other=0.0)
-                        dx = _bwd_phase2_chunk(
-                            dzj, tl.trans(dzj), dx, x, WD, dwd_slice, add, k0, j0 + c, k, mask_k, D, R,
-                            stride_wdr, stride_wdd, NEED_DX, NEED_DWD, PRECISION, UPCAST,
-                        )  # fmt: skip
-                if NEED_DX:
-                    tl.store(dx_rows + k0 + (m[:, None] * D + k[None, :]), dx.to(dtype), mask=mask)
+        # the program's first block writes its partials, later blocks add
+        _bwd_rows(
+            DY + row0 * stride_dym, m * stride_dym, X + row0 * stride_xm, m * stride_xm, DX + row0 * D, m * D, Z + row0 * R,
+            DZS + row0 * BLOCK_R, m, m < last - row0, row0 > first, WD, WU, dwu_slice, dwd_slice, dbu_slice, dbd_slice, c, k,
+            D, R, scaling, stride_dyd, stride_xd, stride_wdr, stride_wdd, stride_wud, stride_wur,
+            ACT, RES_X, PHASE1, PHASE2, NEED_DX, NEED_DWD, NEED_DBD, NEED_DWU, NEED_DBU, STORE_DZ, PRECISION, UPCAST,
+            BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- configs
