@@ -16,7 +16,7 @@ from fastadapter.ops.mixed_adapter import mixed_adapter_backward, mixed_adapter_
 
 from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, rel_err, require, torch_act
 
-BACKENDS = [b for b in ("reference", "cpp") if "mixed_adapter" in backends.get(b).ops]
+BACKENDS = [b for b in ("reference", "cpp", "triton") if "mixed_adapter" in backends.get(b).ops]
 NAMES = ("y", "dx", "dw_down", "db_down", "dw_up", "db_up", "dresidual")
 
 
@@ -65,10 +65,10 @@ def _run(fn, x, index, weights, residual_mode, cast=None, dy_seed=7):
     res = None
     if residual_mode == "tensor":
         g = torch.Generator().manual_seed(99)
-        res = torch.randn(ts[0].shape, generator=g).to(ts[0].dtype).requires_grad_()
+        res = torch.randn(ts[0].shape, generator=g).to(ts[0].device, ts[0].dtype).requires_grad_()
     y = fn(ts[0], index, *ts[1:], res)
     g = torch.Generator().manual_seed(dy_seed)
-    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
     wanted = [t for t in ts if t is not None] + ([res] if res is not None else [])
     grads = iter(torch.autograd.grad(y, wanted, dy))
     out = [y.detach()] + [next(grads) if t is not None else None for t in ts]
@@ -184,9 +184,50 @@ def test_backends_agree_on_a_bigger_batch():
         pytest.skip("one backend implements mixed_adapter here")
     x, index, *w = make_mixed(2000, 96, 16, 6, seed=6)
     outs = [_run(lambda *t, b=b: fa.mixed_adapter(*t[:6], activation="gelu", backend=b), x, index, w, "x") for b in BACKENDS]
-    for name, a, b in zip(NAMES, *outs):
-        if a is not None:
-            assert rel_err(a, b) <= 1e-5, name
+    for other, out in zip(BACKENDS[1:], outs[1:]):
+        for name, a, b in zip(NAMES, outs[0], out):
+            if a is not None:
+                assert rel_err(a, b) <= 1e-5, f"{other} against {BACKENDS[0]}: {name}"
+
+
+@pytest.mark.parametrize(
+    "dtype, r, skew",
+    [(torch.float32, 48, 0.9), (torch.bfloat16, 100, 0.9), (torch.float16, 24, 0.0), (torch.float32, 1, 0.5)],
+    ids=["fp32-r48-skewed", "bf16-r100-skewed", "fp16-r24-even", "fp32-r1"],
+)  # fmt: skip
+def test_triton_programs_and_bottleneck_chunks(dtype, r, skew):
+    """The triton kernels' own cases: bottlenecks wider than one register chunk (phase 1, dx
+    and dW_down in separate launches, dz stored in sorted order), an adapter whose rows take
+    several backward programs (its weight gradients summed over their slices) and adapters
+    with no rows, next to even spreads."""
+    require("triton", "cpu", dtype, r)
+    x, index, *w = make_mixed(700, 40, r, 4, dtype, seed=12)
+    heavy = torch.rand(700, generator=torch.Generator().manual_seed(3)) < skew
+    index = torch.where(heavy, torch.ones_like(index), index)
+    if skew:
+        index[index == 3] = -1  # adapter 3 unused
+    check_mixed("triton", x, index, w, activation="gelu_tanh", residual_mode="x")
+
+
+def test_triton_refuses_more_adapters_than_its_segment_search_holds():
+    require("triton", "cpu")
+    from fastadapter.kernels.mixed_adapter import MAX_ADAPTERS
+
+    x, index, wd, bd, wu, bu = make_mixed(6, 8, 1, MAX_ADAPTERS, seed=1)
+    with pytest.raises(ValueError, match=rf"take up to {MAX_ADAPTERS - 1} adapters, got {MAX_ADAPTERS} \(w_down.shape\[0\]\)"):
+        fa.mixed_adapter(x, index, wd, bd, wu, bu, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("r", [64, 128])
+def test_triton_on_the_gpu(dtype, r):
+    """The Triton kernels on CUDA tensors (the real compiler, autotuning, one wave of
+    programs), uneven adapters and rows without one, against float64 math."""
+    require("triton", "cuda", dtype, r)
+    x, index, *w = make_mixed(5000, 200, r, 5, dtype, seed=13)
+    index[index == 4] = 1  # adapter 1 takes about twice the rows, adapter 4 none
+    check_mixed("triton", x.cuda(), index.cuda(), [t.cuda() for t in w], activation="gelu", residual_mode="tensor")
 
 
 def _bad(**change):
@@ -292,3 +333,47 @@ def test_stack_adapters_refuses_adapters_that_do_not_fit():
         fa.stack_adapters([fa.FusedAdapter(24, 4, activation="relu"), fa.FusedAdapter(24, 4, activation="gelu")])
     with pytest.raises(ValueError, match="at least one adapter"):
         fa.stack_adapters([])
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+
+
+def gpu_launches():
+    """(what, launch) for tests/gpu_compile.py: the triton backend's mixed launchers on CPU
+    tensors. The kernels run the adapter op's block code, whose variants tests/test_adapter.py
+    checks in full; here what the row indirection and the segment search add, varying one
+    thing at a time from bf16 / gelu / residual x / bias / every gradient / r = 64 / d = 768 /
+    A = 4 / 32-bit offsets: fp32 with and without TF32 (the split backward), fp16, fp32
+    weights, a residual tensor, frozen adapters (dx only), x without grad, r = 1 and 128,
+    and 64-bit row offsets (tensors past 2**31 elements) in bf16 and fp32."""
+    from fastadapter.kernels import mixed_adapter as kernels
+
+    base = dict(dtype=torch.bfloat16, wdtype=None, activation="gelu", residual="x", bias=True, needs=(1,) * 5, r=64, d=768,
+                adapters=4)  # fmt: skip
+    cases = [dict(base), dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True)]
+    cases += [dict(base, dtype=torch.float16), dict(base, wdtype=torch.float32), dict(base, residual="tensor")]
+    cases += [dict(base, needs=(1, 0, 0, 0, 0)), dict(base, needs=(0, 1, 1, 1, 1)), dict(base, r=1), dict(base, r=128)]
+    cases += [dict(base, offsets=64), dict(base, dtype=torch.float32, offsets=64)]
+
+    def launch(case):
+        def run():
+            x, index, wd, bd, wu, bu = make_mixed(512, case["d"], case["r"], case["adapters"], case["dtype"],
+                                                  wdtype=case["wdtype"], bias=case["bias"])  # fmt: skip
+            res = {"x": None, "none": None, "tensor": torch.randn(512, case["d"]).to(case["dtype"])}[case["residual"]]
+            tf32, limit = torch.backends.cuda.matmul.allow_tf32, kernels.OFFSET32_LIMIT
+            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
+            if case.get("offsets") == 64:  # the kernels' form for tensors past 2**31 elements
+                kernels.OFFSET32_LIMIT = 0
+            try:
+                args = (case["activation"], 0.5, case["residual"] == "x")
+                y, z = kernels.mixed_forward(x, index, wd, bd, wu, bu, res, *args)
+                kernels.mixed_backward(y, x, index, z, wd, bd, wu, bu, *args, case["needs"], programs_max=132)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, kernels.OFFSET32_LIMIT = tf32, limit
+
+        return run
+
+    def name(case):
+        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
+
+    return [(name(c), launch(c)) for c in cases]

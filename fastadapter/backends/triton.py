@@ -87,3 +87,21 @@ def site_backward(dout, h, r, z, v, *rest):
 
 
 register_op("adapter_layernorm", "triton", site_forward, site_backward, keeps_ln_input=False)
+
+
+def _mixed_kernels():
+    from ..kernels import mixed_adapter
+
+    return mixed_adapter
+
+
+def mixed_forward(*args):
+    """z comes back in the kernels' sorted row order (rows grouped by adapter)."""
+    return _mixed_kernels().mixed_forward(*args)
+
+
+def mixed_backward(*args):
+    return _mixed_kernels().mixed_backward(*args)
+
+
+register_op("mixed_adapter", "triton", mixed_forward, mixed_backward)
