@@ -456,6 +456,69 @@ def count_site_compile(n, d, r, dtype) -> tuple[Count, Count]:
     return _inductor_count(eager_site, _site_inputs(n, d, r, dtype), trainable=6)
 
 
+# ----------------------------------------------------------------------------- many adapters in a batch (mixed_adapter)
+
+MIXED_ADAPTERS = 4
+
+
+def _mixed_inputs(n, d, r, dtype, adapters, seed=0):
+    """x, the stacked weights of ``adapters`` adapters and an index spreading the rows evenly
+    and randomly over them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    wd = (torch.randn(adapters, r, d, generator=g) / d**0.5).to(dtype)
+    bd = (0.1 * torch.randn(adapters, r, generator=g)).to(dtype)
+    wu = (torch.randn(adapters, d, r, generator=g) / r**0.5).to(dtype)
+    bu = (0.1 * torch.randn(adapters, d, generator=g)).to(dtype)
+    index = torch.arange(n) % adapters
+    return x, index[torch.randperm(n, generator=g)], wd, bd, wu, bu
+
+
+def eager_mixed(x, index, w_down, b_down, w_up, b_up):
+    """A loop over the adapters as a user writes it: each adapter's rows gathered, the eager
+    adapter, the result scattered back."""
+    y = x.clone()
+    for a in range(w_down.shape[0]):
+        rows = (index == a).nonzero().view(-1)
+        y = y.index_copy(0, rows, eager_adapter(x.index_select(0, rows), w_down[a], b_down[a], w_up[a], b_up[a]))
+    return y
+
+
+def count_mixed(provider: str, n, d, r, dtype, adapters=MIXED_ADAPTERS) -> tuple[Count, Count]:
+    """``adapters`` adapters over N rows (gelu, residual x, every gradient), forward and
+    backward: eager (the loop over adapters, per ATen op), adapter (one adapter over the same
+    rows: the Triton adapter op, the floor) or triton (fastadapter.mixed_adapter's kernels)."""
+    import fastadapter as fa
+
+    x, index, wd, bd, wu, bu = _mixed_inputs(n, d, r, dtype, adapters)
+    weights = [wd, bd, wu, bu] if provider != "adapter" else [wd[0], bd[0], wu[0], bu[0]]  # adapter 0's, alone
+    ts = [t.clone().requires_grad_() for t in (x, *weights)]
+    if provider == "eager":
+        fwd, bwd = EagerCounter(), EagerCounter()
+        fn = eager_mixed
+    else:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 before triton is imported")
+        fwd, bwd = TritonCounter(per_launch=ts[1:]), TritonCounter(per_launch=ts[1:])
+        if provider == "adapter":
+
+            def fn(x_, _index, *w):
+                return fa.fused_adapter(x_, *w, activation="gelu", backend="triton")
+        else:
+
+            def fn(x_, index_, *w):
+                return fa.mixed_adapter(x_, index_, *w, activation="gelu", backend="triton")
+
+    dy = torch.randn(n, d).to(dtype)
+    with fwd.counting() if isinstance(fwd, TritonCounter) else fwd:
+        y = fn(ts[0], index, *ts[1:])
+    with bwd.counting() if isinstance(bwd, TritonCounter) else bwd:
+        torch.autograd.grad(y, ts, dy)
+    if isinstance(fwd, TritonCounter):
+        return fwd.count(), bwd.count()
+    return Count(fwd.bytes, fwd.bytes, fwd.bytes), Count(bwd.bytes, bwd.bytes, bwd.bytes)
+
+
 def measure(ns, d, r, dtype, providers, at, op: str = "adapter") -> dict:
     """{provider: {n: (forward Count, backward Count)}} in bytes; formula providers at ``at`` only."""
     out: dict[str, dict[int, tuple[Count, Count]]] = {}
@@ -464,6 +527,8 @@ def measure(ns, d, r, dtype, providers, at, op: str = "adapter") -> dict:
         for n in [at] if p in FORMULAS else ns:
             if op == "adapter_layernorm":
                 out[p][n] = count_site_compile(n, d, r, dtype) if p == "compile" else count_site(p, n, d, r, dtype)
+            elif op == "mixed_adapter":
+                out[p][n] = count_mixed(p, n, d, r, dtype)
             elif p == "eager":
                 out[p][n] = count_eager(n, d, r, dtype, True)
             elif p == "compile":
@@ -562,6 +627,13 @@ def summary(results: dict, d: int, r: int, dtype: torch.dtype, at: int) -> dict:
     return out
 
 
+DEFAULT_PROVIDERS = {
+    "adapter": ["eager", "compile", "triton", "cuda", "cpp"],
+    "adapter_layernorm": ["eager", "compile", "op+add+ln", "triton"],
+    "mixed_adapter": ["eager", "adapter", "triton"],
+}
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: counts run under its interpreter
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -570,18 +642,22 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--at", type=int, default=32768, help="N of the reported figures (DESIGN.md's H200 shape)")
-    p.add_argument("--op", default="adapter", choices=["adapter", "adapter_layernorm"],
-                   help="adapter_layernorm: one houlsby site (adapter, residual, LayerNorm; the LayerNorm frozen)")  # fmt: skip
+    p.add_argument("--op", default="adapter", choices=["adapter", "adapter_layernorm", "mixed_adapter"],
+                   help="adapter_layernorm: one houlsby site (adapter, residual, LayerNorm; the LayerNorm frozen); "
+                        f"mixed_adapter: {MIXED_ADAPTERS} adapters over the rows")  # fmt: skip
     p.add_argument("--providers", nargs="+", default=None,
-                   help="default: eager compile triton cuda cpp; for the site eager compile op+add+ln triton")  # fmt: skip
+                   help="default: eager compile triton cuda cpp; for the site eager compile op+add+ln triton; "
+                        "for mixed_adapter eager adapter triton")  # fmt: skip
     p.add_argument("--json", help="write the raw counts here")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
-    providers = args.providers or (
-        ["eager", "compile", "triton", "cuda", "cpp"] if args.op == "adapter" else ["eager", "compile", "op+add+ln", "triton"]
-    )
+    providers = args.providers or DEFAULT_PROVIDERS[args.op]
     results = measure(args.n, args.d, args.r, dtype, providers, args.at, args.op)
-    what = "gelu, residual x" if args.op == "adapter" else "one houlsby site: gelu adapter, residual, frozen LayerNorm"
+    what = {
+        "adapter": "gelu, residual x",
+        "adapter_layernorm": "one houlsby site: gelu adapter, residual, frozen LayerNorm",
+        "mixed_adapter": f"{MIXED_ADAPTERS} gelu adapters over the rows, residual x; adapter: one over the same rows",
+    }[args.op]
     print(table(results, args.d, args.r, dtype, args.at, what))
     print()
     print(per_n_table(results, args.d, dtype))
