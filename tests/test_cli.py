@@ -45,8 +45,9 @@ def test_info_prints_everything_and_its_json_parses(capsys):
     assert set(info["backends"]) >= {"reference", "cpp", "triton", "cuda"}
     assert info["backends"]["reference"] is None
     assert info["ops"]["mixed_adapter"]["reference"] is None
-    triton_reason = info["backends"]["triton"] or "no implementation of mixed_adapter"
-    assert info["ops"]["mixed_adapter"]["triton"] == triton_reason
+    assert info["ops"]["mixed_adapter"]["triton"] == info["backends"]["triton"]  # it has the op: its own status
+    cuda_reason = info["backends"]["cuda"] or "no implementation of mixed_adapter"
+    assert info["ops"]["mixed_adapter"]["cuda"] == cuda_reason
     assert isinstance(info["cpu"]["features"]["avx512f"], bool)
     assert info["gpu"]["available"] in (True, False) and ("reason" in info["gpu"] or info["gpu"]["devices"])
     assert "cache_dir" in info["extension"]
