@@ -221,20 +221,35 @@ class EagerCounter(TorchDispatchMode):
         self.bytes = 0.0
         self.ops: list[tuple[str, float]] = []
         self.paused = 0  # > 0: inside a Triton launch, whose traffic the interpreter counter has
-        # ops not counted as a whole: under a TritonCounter, fastadapter's own ops, whose
-        # kernels the interpreter counter sees
+        # ops not counted as a whole but by what they run inside: under a TritonCounter,
+        # fastadapter's own ops (their kernels the interpreter counter sees)
         self.skip_namespaces: tuple[str, ...] = ()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in self.skip_namespaces and not self.paused:
+            # not the op as a whole but what it does inside: its ATen ops (sums of partials,
+            # sorts, casts) under this mode again, its kernels through the Triton counter
+            device = "CUDA" if any(t.is_cuda for t in _tensors((args, kwargs))) else "CPU"
+            with self:  # the op's own kernel, below this mode's dispatch key; what it calls, above
+                return func.redispatch(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, device)), *args,
+                                       **(kwargs or {}))  # fmt: skip
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if self.paused or func.is_view or name in self.FREE or func.namespace in self.skip_namespaces:
+        if self.paused or name in self.FREE or (func.is_view and _aliases(out, (args, kwargs))):
             return out
         moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs)))
         moved += sum(t.numel() * t.element_size() for t in _tensors(out))
         self.bytes += moved
         self.ops.append((name, moved))
         return out
+
+
+def _aliases(out, inputs) -> bool:
+    """Whether every tensor of ``out`` shares storage with an input: a view. An op that may
+    alias (``contiguous``, ``reshape``, as the ops inside a custom op see them) but copied
+    moved bytes."""
+    storages = {t.untyped_storage().data_ptr() for t in _tensors(inputs)}
+    return all(t.untyped_storage().data_ptr() in storages for t in _tensors(out))
 
 
 def _tensors(tree):

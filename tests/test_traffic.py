@@ -56,6 +56,7 @@ def test_a_fastadapter_op_is_counted_by_its_kernels_not_again_as_a_whole():
     that reads its inputs and writes its outputs."""
     import fastadapter as fa
     from fastadapter.kernels import adapter as kernels
+    from fastadapter.ops.adapter import adapter_backward
 
     x, wd, bd, wu, bu = (torch.randn(*s) for s in ((40, 24), (4, 24), (4,), (24, 4), (24,)))
     direct = traffic.TritonCounter(per_launch=(wd, bd, wu, bu))
@@ -65,6 +66,16 @@ def test_a_fastadapter_op_is_counted_by_its_kernels_not_again_as_a_whole():
     with through_op.counting():
         fa.fused_adapter(x, wd, bd, wu, bu, backend="triton")
     assert through_op.count() == direct.count() and direct.count().model > 0
+    # the backward too, with what the op does in ATen besides its kernels (the partial sums)
+    y, z = kernels.adapter_forward(x, wd, bd, wu, bu, None, "relu", 1.0, True)
+    direct = traffic.TritonCounter(per_launch=(wd, bd, wu, bu))
+    with direct.counting():
+        kernels.adapter_backward(y, x, z, wd, bd, wu, bu, "relu", 1.0, True, [True] * 5)
+    assert direct.aten.bytes > 0
+    through_op = traffic.TritonCounter(per_launch=(wd, bd, wu, bu))
+    with through_op.counting():
+        adapter_backward(y, x, z, wd, bd, wu, bu, "relu", 1.0, True, [True] * 5, "triton")
+    assert through_op.count() == direct.count()
     with traffic.EagerCounter() as eager:
         y = fa.fused_adapter(x, wd, bd, wu, bu, backend="reference")
     assert [name for name, _ in eager.ops] == ["adapter_forward"]
