@@ -104,7 +104,7 @@ def test_mixed_adapter_counts_scale_linearly_and_stay_near_one_adapter():
     """The mixed kernels, counted: with 4 adapters whose rows take one, two and three backward
     programs each (N = 512, 1024, 1536; each adapter's share a multiple of the 128 rows a
     program takes at r = 16), the bytes lie on a line in N; at N = 32768 they stay within
-    1.12x of one adapter over the same rows (1.09x when written: the routing adds the int64
+    1.1x of one adapter over the same rows (1.05x when written: the routing adds the int64
     index's range check and sort and the permutation's reads, no gather or scatter pass; at
     d = 768 that share is a quarter as large) and under a fifth of the eager loop's."""
     d, r, dtype = 192, 16, torch.bfloat16
@@ -115,5 +115,5 @@ def test_mixed_adapter_counts_scale_linearly_and_stay_near_one_adapter():
         fwd, bwd, residual = traffic.extrapolate(counts, 32768)
         assert residual < 1e-9, p
         totals[p] = fwd.model + bwd.model
-    assert totals["triton"] <= 1.12 * totals["adapter"], totals
+    assert totals["triton"] <= 1.1 * totals["adapter"], totals
     assert totals["triton"] <= 0.2 * totals["eager"], totals
