@@ -107,10 +107,18 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _and(mask, flag):
+    """mask & flag for a scalar flag. Written as a select: triton 3.9's interpreter turns
+    ``mask & flag`` into int32 data, which its masked load refuses; on a GPU both compile
+    to the same and."""
+    return tl.where(flag, mask, False)
+
+
+@triton.jit
 def _accumulate_product(ptr, a, b, mask, ADD, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """ptr[...] = (ptr[...] where ADD, else 0) + a @ b: a partial-sum tile of the program's own
     slice, the stored partial loaded as the product's accumulator."""
-    acc = tl.load(ptr, mask=mask & ADD, other=0.0)
+    acc = tl.load(ptr, mask=_and(mask, ADD), other=0.0)
     tl.store(ptr, _mma(a, b, acc, PRECISION, UPCAST), mask=mask)
 
 
@@ -232,7 +240,7 @@ def _bwd_phase1_chunk(
         if NEED_DBU:
             if j0 == 0:
                 dbu_tile = dbu_slice + k0 + k
-                dbu = tl.load(dbu_tile, mask=mask_k & add, other=0.0) + tl.sum(dy.to(tl.float32), axis=0)
+                dbu = tl.load(dbu_tile, mask=_and(mask_k, add), other=0.0) + tl.sum(dy.to(tl.float32), axis=0)
                 tl.store(dbu_tile, dbu, mask=mask_k)
     dz = tl.zeros((BLOCK_M, R_CHUNK), dtype=dtype)
     if NEED_DZ:
@@ -241,7 +249,7 @@ def _bwd_phase1_chunk(
         g = tl.where(mask_mr, g, 0.0)
         if NEED_DBD:
             dbd_tile = dbd_slice + rr
-            tl.store(dbd_tile, tl.load(dbd_tile, mask=mask_r & add, other=0.0) + tl.sum(g, axis=0), mask=mask_r)
+            tl.store(dbd_tile, tl.load(dbd_tile, mask=_and(mask_r, add), other=0.0) + tl.sum(g, axis=0), mask=mask_r)
         dz = g.to(dtype)
     return dz
 

@@ -29,6 +29,7 @@ from .adapter import (
     MAX_BLOCK_M,
     MAXNREG,
     _act,
+    _and,
     _mma,
     _precision,
     _tile_addressable,
@@ -267,10 +268,11 @@ def _site_ln_bwd_kernel(
                     sum_gv += tl.sum(g * vhat, axis=1)
                     if NEED_DLW:
                         tile = dlw_slice + k0 + k
-                        tl.store(tile, tl.load(tile, mask=mask_k & add, other=0.0) + tl.sum(dout * vhat, axis=0), mask=mask_k)
+                        partial = tl.load(tile, mask=_and(mask_k, add), other=0.0)
+                        tl.store(tile, partial + tl.sum(dout * vhat, axis=0), mask=mask_k)
                     if NEED_DLB:
                         tile = dlb_slice + k0 + k
-                        tl.store(tile, tl.load(tile, mask=mask_k & add, other=0.0) + tl.sum(dout, axis=0), mask=mask_k)
+                        tl.store(tile, tl.load(tile, mask=_and(mask_k, add), other=0.0) + tl.sum(dout, axis=0), mask=mask_k)
                 else:
                     dv = rstd[:, None] * (g - (sum_g / D)[:, None] - vhat * (sum_gv / D)[:, None])
                     if HAS_ADD:
