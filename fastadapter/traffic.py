@@ -214,7 +214,9 @@ def count_triton(n, d, r, dtype, backward: bool, seed=0) -> tuple[Count, Count]:
 class EagerCounter(TorchDispatchMode):
     """Each ATen op reads its tensor inputs and writes its tensor outputs; views are free."""
 
-    FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_noop"}
+    # allocations (new_empty reads nothing of its tensor argument), views and no-op copies
+    FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+            "_to_copy_noop"}  # fmt: skip
 
     def __init__(self):
         super().__init__()

@@ -46,6 +46,7 @@ def test_eager_counter_counts_inputs_and_outputs_and_not_views():
         c = a + b  # reads 2, writes 1
         d = c.t()  # a view: free
         e = d.sum(0)  # reads 64 * 32, writes 64
+        a.new_empty(64, 32)  # an allocation: reads nothing of a
     assert counter.bytes == 4 * (3 * 64 * 32 + 64 * 32 + 64)
     assert e.shape == (64,)
 
