@@ -2,17 +2,18 @@
 //
 // On CPUs the adapter's GEMMs are compute-bound (about r FLOP per byte is above a CPU's
 // ridge point), so fusion saves element-wise passes, allocations and saved tensors, and
-// the rest is GEMM speed. On AVX-512 CPUs the four products with an N x r or N x d
-// output run in the register-tiled kernel of cpu_residual_gemm.h with their epilogues
-// (MKL is slow at N x 64 outputs), the N x r element-wise work in the passes of
-// cpu_activation.h, and the two weight-gradient reductions over N in MKL:
+// the rest is GEMM speed. On CPUs with AVX-512 or AVX2 the four products with an N x r
+// or N x d output run in the register-tiled kernels of cpu_residual_gemm.h with their
+// epilogues (MKL is slow at N x 64 outputs), the N x r element-wise work in the AVX-512
+// passes of cpu_activation.h where there is AVX-512 (ATen ops elsewhere), and the two
+// weight-gradient reductions over N in MKL:
 //   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
 //   backward: da = dy W_u; one pass for a and dz = s * da * act'(z);
 //             db_d = sum(dz); dW_u = s * dy^T a; db_u = s * sum(dy); dW_d = dz^T x
 //             (the reductions over N as the reference backend forms them);
 //             dx = dy + dz W_d in one pass over dx.
-// Elsewhere (no AVX-512, float64) the same steps run as ATen ops, y and dx formed by
+// Elsewhere (neither kernel, float64) the same steps run as ATen ops, y and dx formed by
 // writing R (or dy) first and letting the GEMM accumulate into it.
 // For fp32 x nothing of size N x d is written besides y (forward) and dx (backward);
 // half-precision x is widened to fp32 first.
@@ -46,36 +47,13 @@ void round_to(at::Tensor& t, at::ScalarType dtype) {
   if (t.scalar_type() != dtype) t.copy_(t.to(dtype));
 }
 
-void activation_out(at::Tensor& a, const at::Tensor& z, Activation act) {
-  switch (act) {
-    case Activation::Relu: at::relu_out(a, z); break;  // NaN passes, like torch.relu
-    case Activation::Gelu: at::gelu_out(a, z, "none"); break;
-    case Activation::GeluTanh: at::gelu_out(a, z, "tanh"); break;
-    case Activation::Silu: at::silu_out(a, z); break;
-    case Activation::Tanh: at::tanh_out(a, z); break;
-    case Activation::Identity: a.copy_(z); break;
-  }
-}
-
-// grad * act'(z)
-at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& z, Activation act) {
-  switch (act) {
-    case Activation::Relu: return at::threshold_backward(grad, z, 0);
-    case Activation::Gelu: return at::gelu_backward(grad, z, "none");
-    case Activation::GeluTanh: return at::gelu_backward(grad, z, "tanh");
-    case Activation::Silu: return at::silu_backward(grad, z);
-    case Activation::Tanh: return at::tanh_backward(grad, at::tanh(z));
-    case Activation::Identity: return grad;
-  }
-  return grad;
-}
-
 // out = res + s * (a @ b + c) by the one-pass kernel of cpu_residual_gemm.h, where b is a
 // [k, d] view with any strides; res and c may be undefined. False when it cannot run here
-// (no AVX-512, float64, a with strided columns), and the caller takes the ATen path.
+// (neither AVX-512 nor AVX2, float64, a with strided columns), and the caller takes the
+// ATen path.
 bool residual_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::Tensor res,
                        double s) {
-  if (out.scalar_type() != at::kFloat || a.stride(1) != 1 || !avx512_kernels_available()) return false;
+  if (out.scalar_type() != at::kFloat || a.stride(1) != 1 || !residual_gemm_available(false)) return false;
   TORCH_INTERNAL_ASSERT(out.is_contiguous() && (!c.defined() || c.is_contiguous()));
   if (res.defined() && res.stride(1) != 1) res = res.contiguous();
   ResidualGemm g{out.size(0), out.size(1), a.size(1),
@@ -96,7 +74,6 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
                                             double scaling, bool residual_is_x) {
   TORCH_CHECK(x.dim() == 2, "fastadapter cpp: x must be 2-D [N, d]");
   TORCH_CHECK(x.device().is_cpu(), "fastadapter cpp: x must be a CPU tensor");
-  const auto act = static_cast<Activation>(activation);
   const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
   const auto dt = x.scalar_type();
   const auto acc = acc_type(dt);
@@ -121,7 +98,7 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   at::Tensor a = at::empty({n, r}, fopt);
   if (acc != at::kFloat ||
       !activation_forward_avx512(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
-    activation_out(a, z, act);
+    activation_out_aten(a, z, activation);
   if (widen) round_to(a, dt);
   // y = R + s * (a W_u^T + b_u) in one pass; on the ATen path R + s * b_u is written
   // first and the GEMM accumulates s * a W_u^T into it
@@ -150,7 +127,6 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
   const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
   const bool need_dz = need_dx || need_dwd || need_dbd;
-  const auto act = static_cast<Activation>(activation);
   const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
   const auto dt = x.scalar_type();
   const auto acc = acc_type(dt);
@@ -180,7 +156,7 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     }
   }
   if (need_dz && !dz.defined()) {
-    dz = activation_backward(da, z, act);
+    dz = activation_backward_aten(da, z, activation);
     if (scaling != 1.0) dz.mul_(scaling);
   }
   // The reductions over N are formed as the reference backend (and eager autograd) forms
@@ -193,7 +169,7 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   if (need_dwu) {
     if (!a.defined()) {
       a = at::empty({n, r}, fopt);
-      activation_out(a, z, act);
+      activation_out_aten(a, z, activation);
     }
     if (widen) round_to(a, dt);
     dwu = at::mm(g.t(), a);  // [d, r]

@@ -6,6 +6,7 @@
 
 #include "cpu_activation.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -170,6 +171,29 @@ bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ld
 #else
   return false;
 #endif
+}
+
+void activation_out_aten(at::Tensor& a, const at::Tensor& z, int64_t activation) {
+  switch (static_cast<Activation>(activation)) {
+    case Activation::Relu: at::relu_out(a, z); break;  // NaN passes, like torch.relu
+    case Activation::Gelu: at::gelu_out(a, z, "none"); break;
+    case Activation::GeluTanh: at::gelu_out(a, z, "tanh"); break;
+    case Activation::Silu: at::silu_out(a, z); break;
+    case Activation::Tanh: at::tanh_out(a, z); break;
+    case Activation::Identity: a.copy_(z); break;
+  }
+}
+
+at::Tensor activation_backward_aten(const at::Tensor& grad, const at::Tensor& z, int64_t activation) {
+  switch (static_cast<Activation>(activation)) {
+    case Activation::Relu: return at::threshold_backward(grad, z, 0);
+    case Activation::Gelu: return at::gelu_backward(grad, z, "none");
+    case Activation::GeluTanh: return at::gelu_backward(grad, z, "tanh");
+    case Activation::Silu: return at::silu_backward(grad, z);
+    case Activation::Tanh: return at::tanh_backward(grad, at::tanh(z));
+    case Activation::Identity: return grad;
+  }
+  return grad;
 }
 
 }  // namespace fastadapter

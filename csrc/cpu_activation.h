@@ -4,6 +4,8 @@
 // AVX-512, the functions return false and the caller uses ATen ops.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 namespace fastadapter {
@@ -20,5 +22,10 @@ bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz
 //   dz (may be null):  dz[i, :] = s * da[i, :] * act'(z[i, :]), in place when dz == da.
 bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
                                 float s, float* a, int64_t lda, float* dz, int64_t lddz);
+
+// The same as ATen ops, for any dtype and where the passes above do not run:
+// a = act(z) into a; and grad * act'(z).
+void activation_out_aten(at::Tensor& a, const at::Tensor& z, int64_t activation);
+at::Tensor activation_backward_aten(const at::Tensor& grad, const at::Tensor& z, int64_t activation);
 
 }  // namespace fastadapter

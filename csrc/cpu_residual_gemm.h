@@ -1,4 +1,4 @@
-// A GEMM with its epilogue in one pass, fp32, on CPUs with AVX-512:
+// A GEMM with its epilogue in one pass, fp32, on CPUs with AVX-512 or AVX2 (and FMA):
 //
 //   out[i, j] = R[i, j] + s * (sum_p A[i, p] * B[p, j] + c[j])
 //
@@ -14,6 +14,10 @@
 
 namespace fastadapter {
 
+// Products with k or d below this (an adapter bottleneck r < 8) are left to ATen and MKL:
+// residual_gemm returns false for them.
+constexpr int64_t kResidualGemmMin = 8;
+
 struct ResidualGemm {
   int64_t n, d, k;
   const float* a;          // [n, k], row stride lda, unit column stride
@@ -26,18 +30,31 @@ struct ResidualGemm {
   float s;
   float* out;              // [n, d], row stride ldo, unit column stride
   int64_t ldo;
+  // Row maps (null: the identity): row i of the product reads row a_rows[i] of A and
+  // r_rows[i] of R and writes row out_rows[i] of out. Rows of out must not repeat.
+  const int64_t* a_rows = nullptr;
+  const int64_t* r_rows = nullptr;
+  const int64_t* out_rows = nullptr;
 };
 
 // True when this CPU has AVX-512 and the cpp backend's AVX-512 kernels (this one and
 // cpu_activation.h) are enabled.
 bool avx512_kernels_available();
 
-// The AVX-512 kernels are on unless turned off here; off, the callers use ATen ops.
-// Returns the previous setting.
+// True when this CPU has AVX2 and FMA and the AVX2 kernel is enabled.
+bool avx2_kernels_available();
+
+// The kernels are on unless turned off here; off, the callers use ATen ops (or, with
+// AVX-512 off and AVX2 on, the AVX2 kernel). Each returns the previous setting.
 bool set_avx512_kernels_enabled(bool enabled);
+bool set_avx2_kernels_enabled(bool enabled);
+
+// Whether residual_gemm runs here, for a product with row maps or without. Products
+// without run on AVX-512 where it is on, else on AVX2; with row maps on AVX2.
+bool residual_gemm_available(bool row_maps);
 
 // Computes the product and returns true, or returns false without touching out when
-// avx512_kernels_available() is false or k < 1.
+// residual_gemm_available() is false for it, or k or d is below kResidualGemmMin.
 bool residual_gemm(const ResidualGemm& g);
 
 }  // namespace fastadapter

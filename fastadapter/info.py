@@ -72,6 +72,8 @@ def extension() -> dict[str, Any]:
         out["cuda"] = bool(getattr(module, "with_cuda", False))
         if hasattr(module, "avx512_kernels"):
             out["avx512_kernels"] = bool(module.avx512_kernels()[0])
+        if hasattr(module, "avx2_kernels"):
+            out["avx2_kernels"] = bool(module.avx2_kernels())
     out["cache_dir"] = os.path.dirname(str(ext.build_dir("fastadapter_C")))
     return out
 
@@ -131,9 +133,11 @@ def format_report(info: dict[str, Any]) -> str:
             avx = ""
         elif e["avx512_kernels"]:
             avx = ", its AVX-512 kernels in use"
+        elif e.get("avx2_kernels"):
+            avx = ", its AVX2 kernel in use (no AVX-512 kernels here)"
         else:
-            why = "turned off" if c["features"]["avx512f"] else "no AVX-512 here: ATen and MKL"
-            avx = f", AVX-512 kernels not in use ({why})"
+            why = "turned off" if c["features"]["avx512f"] or c["features"]["avx2"] else "no AVX2 here"
+            avx = f", its AVX-512 and AVX2 kernels not in use ({why}: ATen and MKL)"
         lines.append(f"extension: built ({kind}{avx}) at {e['path']}")
     else:
         lines.append(f"extension: not built ({e['reason']})")

@@ -1,7 +1,8 @@
-"""The cpp backend's AVX-512 kernels (csrc/cpu_residual_gemm.cpp: z, dy W_up, y and dx
-with their epilogues; csrc/cpu_activation.cpp: the passes over the bottleneck) and the
-ATen path they replace: both against float64 math on shapes that hit every edge of the 6 x 64
-micro-tiles and the 16-lane vectors, every activation, and thread-count independence."""
+"""The cpp backend's CPU kernels (csrc/cpu_residual_gemm.cpp: z, dy W_up, y and dx with
+their epilogues, on AVX-512 or AVX2; csrc/cpu_activation.cpp: the AVX-512 passes over
+the bottleneck) and the ATen path they replace: each against float64 math on shapes that
+hit every edge of the micro-tiles (6 x 64 and 16-lane vectors on AVX-512, 6 x 16 and
+8-lane vectors on AVX2), every activation, and thread-count independence."""
 
 import re
 
@@ -13,12 +14,13 @@ from fastadapter.backends import extension
 from .helpers import check_against_float64, make_inputs, require
 
 
-def _cpu_has_avx512() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            return re.search(r"^flags\s*:.*\bavx512f\b", f.read(), re.M) is not None
+            found = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
     except OSError:
-        return False
+        return set()
+    return set(found.group(1).split()) if found else set()
 
 
 @pytest.fixture
@@ -27,25 +29,34 @@ def module():
     return extension.load()[0]
 
 
-@pytest.fixture(params=["avx512", "aten"])
+@pytest.fixture(params=["avx512", "avx2", "aten"])
 def path(request, module):
-    """Runs the test with the AVX-512 kernels on, then off (ATen ops)."""
-    on = request.param == "avx512"
-    if on and not all(module.avx512_kernels()):
-        pytest.skip("this CPU has no AVX-512: the cpp backend uses ATen ops only")
-    previous = module.set_avx512_kernels_enabled(on)
-    yield request.param
-    module.set_avx512_kernels_enabled(previous)
+    """Runs the test on each path this CPU has: the AVX-512 kernels, the AVX2 kernel (AVX-512
+    off), and ATen ops (both off)."""
+    on512, on2 = request.param == "avx512", request.param in ("avx512", "avx2")
+    previous = module.set_avx512_kernels_enabled(on512), module.set_avx2_kernels_enabled(on2)
+    try:
+        if on512 and not all(module.avx512_kernels()):
+            pytest.skip("this CPU has no AVX-512")
+        if request.param == "avx2" and not module.avx2_kernels():
+            pytest.skip("this CPU has no AVX2 and FMA")
+        yield request.param
+    finally:
+        module.set_avx512_kernels_enabled(previous[0])
+        module.set_avx2_kernels_enabled(previous[1])
 
 
-def test_kernels_are_used_where_the_cpu_has_avx512(module):
-    assert module.avx512_kernels() == [_cpu_has_avx512()] * 2
+def test_kernels_are_used_where_the_cpu_has_them(module):
+    flags = _cpu_flags()
+    assert module.avx512_kernels() == ["avx512f" in flags] * 2
+    assert module.avx2_kernels() == ({"avx2", "fma"} <= flags)
 
 
-# N around the 6-row micro-tile and 24-row task; d and r around the 64-column block, the
-# 16-float vector and the 128-long k-block (d is k for z and dy W_up, r for y and dx);
-# N=3000, d=100 splits into several tasks
-SHAPES = [(1, 768, 64), (5, 64, 1), (7, 33, 3), (25, 100, 8), (97, 130, 17), (48, 16, 300), (3000, 100, 8), (513, 1024, 64)]
+# N around the 6-row micro-tile and 24-row task; d and r around the 64- and 16-column
+# blocks, the 16- and 8-float vectors, the kernels' floor (r >= 8; below, ATen) and the 128-long
+# k-block (d is k for z and dy W_up, r for y and dx); N=3000, d=100 splits into several tasks
+SHAPES = [(1, 768, 64), (5, 64, 1), (7, 33, 3), (25, 100, 8), (97, 130, 17), (48, 16, 300), (3000, 100, 8), (513, 1024, 64),
+          (13, 24, 9), (31, 257, 23)]  # fmt: skip
 
 
 @pytest.mark.parametrize("n,d,r", SHAPES, ids=lambda v: str(v))
