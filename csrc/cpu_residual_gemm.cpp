@@ -218,8 +218,20 @@ bool cpu_has_avx2() {
 struct Rows {
   const float* a[kMR];
   const float* r[kMR];
+  const float* r2[kMR];  // the second residual's rows, or null
   float* o[kMR];
 };
+
+// R + R2 (either may be null) for 8 columns, masked or not
+FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2) {
+  const __m256 a = r ? _mm256_loadu_ps(r) : _mm256_setzero_ps();
+  return r2 ? _mm256_add_ps(a, _mm256_loadu_ps(r2)) : a;
+}
+
+FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2, __m256i mask) {
+  const __m256 a = r ? _mm256_maskload_ps(r, mask) : _mm256_setzero_ps();
+  return r2 ? _mm256_add_ps(a, _mm256_maskload_ps(r2, mask)) : a;
+}
 
 // lanes [0, n) of 8 set, for the masked loads and stores of a block's last vector
 FA_AVX2_INLINE inline __m256i lanes(int64_t n) {
@@ -245,11 +257,12 @@ FA_AVX2 void micro_6x16(const Rows& m, const float* B, int64_t k, const float* c
   }
   const __m256 vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
   const __m256 e0 = c ? _mm256_loadu_ps(c) : zero, e1 = c ? _mm256_loadu_ps(c + 8) : zero;
-#define FA_OUT(i)                                                                                          \
-  {                                                                                                        \
-    const float* rr = m.r[i];                                                                              \
-    _mm256_storeu_ps(m.o[i], _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##0, e0), rr ? _mm256_loadu_ps(rr) : zero)); \
-    _mm256_storeu_ps(m.o[i] + 8, _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##1, e1), rr ? _mm256_loadu_ps(rr + 8) : zero)); \
+#define FA_OUT(i)                                                                                            \
+  {                                                                                                          \
+    const float *rr = m.r[i], *rr2 = m.r2[i];                                                                \
+    _mm256_storeu_ps(m.o[i], _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##0, e0), residual(rr, rr2)));           \
+    _mm256_storeu_ps(m.o[i] + 8, _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##1, e1),                             \
+                                                 residual(rr ? rr + 8 : nullptr, rr2 ? rr2 + 8 : nullptr))); \
   }
   FA_OUT(0) FA_OUT(1) FA_OUT(2) FA_OUT(3) FA_OUT(4) FA_OUT(5)
 #undef FA_OUT
@@ -272,21 +285,21 @@ FA_AVX2 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* B,
     const __m256i mask = lanes(cols - 8 * v);
     const __m256 e = c ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < mr; ++i) {
-      const __m256 rv = m.r[i] ? _mm256_maskload_ps(m.r[i] + 8 * v, mask) : _mm256_setzero_ps();
+      const __m256 rv = residual(m.r[i] ? m.r[i] + 8 * v : nullptr, m.r2[i] ? m.r2[i] + 8 * v : nullptr, mask);
       _mm256_maskstore_ps(m.o[i] + 8 * v, mask, _mm256_fmadd_ps(vs, _mm256_add_ps(acc[i][v], e), rv));
     }
   }
 }
 
-// out row i = R row i + s * (acc row i + c), columns [j, j + cols), for the rows of a tile
-FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row, float* const* o_row,
-                           int64_t j, const float* c, float s) {
+// out row i = R row i + R2 row i + s * (acc row i + c), columns [j, j + cols), for the rows of a tile
+FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row,
+                           const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
   const __m256 vs = _mm256_set1_ps(s);
   for (int64_t v = 0; v < cols; v += 8) {
     const __m256i mask = lanes(cols - v);
     const __m256 e = c ? _mm256_maskload_ps(c + v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
-      const __m256 rv = r_row[i] ? _mm256_maskload_ps(r_row[i] + j + v, mask) : _mm256_setzero_ps();
+      const __m256 rv = residual(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr, mask);
       const __m256 t = _mm256_add_ps(_mm256_load_ps(acc + i * kNR + v), e);
       _mm256_maskstore_ps(o_row[i] + j + v, mask, _mm256_fmadd_ps(vs, t, rv));
     }
@@ -304,10 +317,12 @@ inline int64_t row(const int64_t* map, int64_t i) { return map ? map[i] : i; }
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
   const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
   const float* r_row[kTileRows];
+  const float* r2_row[kTileRows];
   float* o_row[kTileRows];
   for (int64_t i = row0; i < row1; ++i) {
     a_row[i - row0] = g.a + row(g.a_rows, i) * g.lda;
     r_row[i - row0] = g.r ? g.r + row(g.r_rows, i) * g.ldr : nullptr;
+    r2_row[i - row0] = g.r2 ? g.r2 + i * g.ldr2 : nullptr;
     o_row[i - row0] = g.out + row(g.out_rows, i) * g.ldo;
   }
   Rows m;
@@ -319,10 +334,12 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
       for (int64_t j = 0; j < g.d; j += kNR) {
         for (int64_t q = 0; q < mr; ++q) {
           m.r[q] = r_row[i + q] ? r_row[i + q] + j : nullptr;
+          m.r2[q] = r2_row[i + q] ? r2_row[i + q] + j : nullptr;
           m.o[q] = o_row[i + q] + j;
         }
         micro(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
       }
+      if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);  // these rows of out are final
     }
     return;
   }
@@ -338,13 +355,15 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
         for (int64_t q = 0; q < mr; ++q) {
           m.a[q] = a_row[i + q] + p;
           m.r[q] = p == 0 ? nullptr : acc + (i + q) * kNR;
+          m.r2[q] = nullptr;
           m.o[q] = acc + (i + q) * kNR;
         }
         micro(mr, kNR, m, bj + p * kNR, kb, nullptr, 1.0f);  // the buffer is 16 wide: no mask
       }
     }
-    tile_epilogue(row1 - row0, cols, acc, r_row, o_row, j, g.c ? g.c + j : nullptr, g.s);
+    tile_epilogue(row1 - row0, cols, acc, r_row, r2_row, o_row, j, g.c ? g.c + j : nullptr, g.s);
   }
+  if (g.rows_done) g.rows_done(g.ctx, row0, row1);
 }
 
 }  // namespace avx2
@@ -378,7 +397,8 @@ bool residual_gemm_available(bool row_maps) {
 }
 
 bool residual_gemm(const ResidualGemm& g) {
-  const bool row_maps = g.a_rows || g.r_rows || g.out_rows;
+  // row maps, a second residual and the row hook are the AVX2 kernel's alone
+  const bool row_maps = g.a_rows || g.r_rows || g.out_rows || g.r2 || g.rows_done;
   if (g.k < kResidualGemmMin || g.d < kResidualGemmMin || !residual_gemm_available(row_maps)) return false;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;

@@ -35,6 +35,14 @@ struct ResidualGemm {
   const int64_t* a_rows = nullptr;
   const int64_t* r_rows = nullptr;
   const int64_t* out_rows = nullptr;
+  // A second residual (null: none), [n, d] with row stride ldr2 and unit column stride,
+  // no row map: out = (R + R2) + s * (A @ B + c), R + R2 rounded first.
+  const float* r2 = nullptr;
+  int64_t ldr2 = 0;
+  // Called (from the worker threads, each range once) with product rows [row0, row1) as
+  // soon as their rows of out are final, while they are still in cache: a row epilogue.
+  void (*rows_done)(void* ctx, int64_t row0, int64_t row1) = nullptr;
+  void* ctx = nullptr;
 };
 
 // True when this CPU has AVX-512 and the cpp backend's AVX-512 kernels (this one and
@@ -49,8 +57,9 @@ bool avx2_kernels_available();
 bool set_avx512_kernels_enabled(bool enabled);
 bool set_avx2_kernels_enabled(bool enabled);
 
-// Whether residual_gemm runs here, for a product with row maps or without. Products
-// without run on AVX-512 where it is on, else on AVX2; with row maps on AVX2.
+// Whether residual_gemm runs here, for a product with row maps (or a second residual, or
+// a row hook) or without. Products without run on AVX-512 where it is on, else on AVX2;
+// with them on AVX2.
 bool residual_gemm_available(bool row_maps);
 
 // Computes the product and returns true, or returns false without touching out when

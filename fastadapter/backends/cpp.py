@@ -93,14 +93,26 @@ register(Backend("cuda", _forward("cuda"), _backward("cuda"), check=cuda_check, 
 # --------------------------------------------------------------------------- adapter_layernorm on the CPU
 
 
+PLACEMENT_INDEX = {"houlsby": 0, "parallel": 1, "pfeiffer": 2}
+
+
 def _cpu_site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling):
-    """v = base + s * f(u) by the cpp adapter kernels with base as their residual (v in
-    fp32, kept for the backward), then ATen's fused LayerNorm for out and the statistics."""
+    """fp32 with the AVX2 kernel (r >= 8): csrc/adapter_layernorm_cpu.cpp, the residual adds
+    and the LayerNorm in the up-projection's epilogue. Elsewhere v = base + s * f(u) by the
+    cpp adapter kernels with base as their residual, then ATen's fused LayerNorm. v (fp32)
+    is kept for the backward either way."""
     from .reference import accumulation_dtype, site_forward
 
     dtype, acc = h.dtype, accumulation_dtype(h.dtype)
     if acc != torch.float32:  # float64: the reference composition
         return site_forward(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps, activation, scaling)
+    if dtype == torch.float32:
+        fused = _module().adapter_layernorm_forward_cpu(
+            h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, PLACEMENT_INDEX[placement], float(eps),
+            ACT_INDEX[activation], float(scaling),
+        )  # fmt: skip
+        if fused:
+            return tuple(fused)
     d = h.shape[1]
     base = h.to(acc) + r.to(acc) if dtype != acc else h + r
     mean_t, rstd_t = base.new_empty(0), base.new_empty(0)
@@ -125,9 +137,10 @@ def _widened(t, dtype):
 
 def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias,
                        placement, eps, activation, scaling, needs):  # fmt: skip
-    """ATen's LayerNorm backward on the kept v, then the cpp adapter backward with dy = dv:
-    for houlsby and parallel with dv as its residual (dx = dv + du in one GEMM epilogue),
-    for pfeiffer followed by the LayerNorm backward of t."""
+    """The LayerNorm backward on the kept v (one pass of csrc/adapter_layernorm_cpu.cpp for
+    fp32 where its weight and bias are frozen, else ATen's), then the cpp adapter backward
+    with dy = dv: for houlsby and parallel with dv as its residual (dx = dv + du in one
+    GEMM epilogue), for pfeiffer followed by the LayerNorm backward of t."""
     from .reference import accumulation_dtype, site_backward_with
 
     args = (dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps,
@@ -140,7 +153,11 @@ def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_d
     lw, lb = _widened(ln_weight, acc), _widened(ln_bias, acc)
     mask = [True, bool(need_dlw) and lw is not None, bool(need_dlb) and lb is not None]
     g = dout.to(acc)
-    dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(g, v, [d], mean.view(n, 1), rstd.view(n, 1), lw, lb, mask)
+    dv = dlw = dlb = None
+    if not mask[1] and not mask[2]:
+        dv = _module().layernorm_backward_input_cpu(g, v, mean, rstd, lw)  # None where it does not run here
+    if dv is None:
+        dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(g, v, [d], mean.view(n, 1), rstd.view(n, 1), lw, lb, mask)
     backward = _backward("cpu")
     if placement != "pfeiffer":
         # houlsby: dh = dv + du (the adapter's residual), dr = dv; parallel the other way round

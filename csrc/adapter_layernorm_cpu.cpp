@@ -1,0 +1,216 @@
+// The adapter site on the CPU, fp32 (see adapter_layernorm_cpu.h):
+//   forward:  z = u W_d^T + b_d; a = act(z);
+//             v = h + r + s * (a W_u^T + b_u) by the AVX2 kernel with both residuals in
+//             its epilogue (t + s * (...) for pfeiffer), and as each micro-row of 6 rows
+//             of v is final, still in L1, its LayerNorm: the row statistics and out.
+//             One read of h and r besides the down-projection's read of u; v and out
+//             written once each.
+//   backward: dv in one pass over dout and v (LayerNorm frozen; a trainable one takes
+//             ATen's backward, which also forms its weight and bias gradients); the
+//             adapter's own backward follows in the caller.
+
+#include "adapter_layernorm_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "cpu_activation.h"
+#include "cpu_residual_gemm.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTADAPTER_HAVE_AVX2_ROWS 1
+#include <immintrin.h>
+#define FA_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTADAPTER_HAVE_AVX2_ROWS 0
+#endif
+
+namespace fastadapter {
+namespace {
+
+#if FASTADAPTER_HAVE_AVX2_ROWS
+
+FA_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The LayerNorm of rows of v: the kernel's row hook.
+struct LnRows {
+  const float* v;
+  int64_t ldv;
+  const float* w;  // null: 1
+  const float* b;  // null: 0
+  float eps;
+  int64_t d;
+  float* out;
+  float* mean;
+  float* rstd;
+};
+
+FA_AVX2 void ln_rows(void* ctx, int64_t row0, int64_t row1) {
+  const LnRows& c = *static_cast<const LnRows*>(ctx);
+  const int64_t d = c.d, full = d - d % 8;
+  for (int64_t i = row0; i < row1; ++i) {
+    const float* x = c.v + i * c.ldv;
+    float* o = c.out + i * d;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + j));
+    float sum = hsum(acc);
+    for (int64_t j = full; j < d; ++j) sum += x[j];
+    const float mu = sum / static_cast<float>(d);
+    const __m256 vmu = _mm256_set1_ps(mu);
+    __m256 sq = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + j), vmu);
+      sq = _mm256_fmadd_ps(t, t, sq);
+    }
+    float var = hsum(sq);
+    for (int64_t j = full; j < d; ++j) var += (x[j] - mu) * (x[j] - mu);
+    const float rs = 1.0f / std::sqrt(var / static_cast<float>(d) + c.eps);
+    const __m256 vrs = _mm256_set1_ps(rs), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
+      const __m256 w = c.w ? _mm256_loadu_ps(c.w + j) : one, b = c.b ? _mm256_loadu_ps(c.b + j) : zero;
+      _mm256_storeu_ps(o + j, _mm256_fmadd_ps(xh, w, b));
+    }
+    for (int64_t j = full; j < d; ++j) o[j] = (x[j] - mu) * rs * (c.w ? c.w[j] : 1.0f) + (c.b ? c.b[j] : 0.0f);
+    c.mean[i] = mu;
+    c.rstd[i] = rs;
+  }
+}
+
+FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float* dout, int64_t ldg, const float* v,
+                              int64_t ldv, const float* mean, const float* rstd, const float* w, float* dv) {
+  const int64_t full = d - d % 8;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t i = row0; i < row1; ++i) {
+    const float *g = dout + i * ldg, *x = v + i * ldv;
+    float* o = dv + i * d;
+    const float mu = mean[i], rs = rstd[i];
+    const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
+    __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {  // sums of g = dout * w and of g * x̂
+      const __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(g + j), w ? _mm256_loadu_ps(w + j) : one);
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
+      sg = _mm256_add_ps(sg, gw);
+      sgx = _mm256_fmadd_ps(gw, xh, sgx);
+    }
+    float a = hsum(sg), b = hsum(sgx);
+    for (int64_t j = full; j < d; ++j) {
+      const float gw = g[j] * (w ? w[j] : 1.0f);
+      a += gw;
+      b += gw * (x[j] - mu) * rs;
+    }
+    a /= static_cast<float>(d);
+    b /= static_cast<float>(d);
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(g + j), w ? _mm256_loadu_ps(w + j) : one);
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(vrs, _mm256_sub_ps(_mm256_sub_ps(gw, va), _mm256_mul_ps(xh, vb))));
+    }
+    for (int64_t j = full; j < d; ++j) {
+      const float gw = g[j] * (w ? w[j] : 1.0f);
+      o[j] = rs * (gw - a - (x[j] - mu) * rs * b);
+    }
+  }
+}
+
+#endif  // FASTADAPTER_HAVE_AVX2_ROWS
+
+at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+c10::optional<at::Tensor> fp32(const c10::optional<at::Tensor>& t) {
+  if (!t) return c10::nullopt;
+  return t->to(at::kFloat).contiguous();
+}
+
+bool runs_here(const at::Tensor& h, int64_t r) {
+  return FASTADAPTER_HAVE_AVX2_ROWS && h.scalar_type() == at::kFloat && residual_gemm_available(true) &&
+         r >= kResidualGemmMin && h.size(1) >= kResidualGemmMin;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, const at::Tensor& r_in, const at::Tensor& w_down,
+                                                      const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                      const c10::optional<at::Tensor>& b_up,
+                                                      const c10::optional<at::Tensor>& ln_weight,
+                                                      const c10::optional<at::Tensor>& ln_bias, int64_t placement,
+                                                      double eps, int64_t activation, double scaling) {
+  TORCH_CHECK(h_in.dim() == 2 && r_in.sizes() == h_in.sizes(), "fastadapter cpp: the site takes h and r [N, d]");
+  TORCH_CHECK(placement >= 0 && placement <= 2, "fastadapter cpp: placement must be 0, 1 or 2, got ", placement);
+  const int64_t n = h_in.size(0), d = h_in.size(1), rk = w_down.size(0);
+  if (!runs_here(h_in, rk) || r_in.scalar_type() != at::kFloat) return {};
+#if FASTADAPTER_HAVE_AVX2_ROWS
+  const at::Tensor h = unit_columns(h_in), r = unit_columns(r_in);
+  const at::Tensor wd = w_down.to(at::kFloat).contiguous(), wu = w_up.to(at::kFloat).contiguous();
+  const auto bd = fp32(b_down), bu = fp32(b_up), lw = fp32(ln_weight), lb = fp32(ln_bias);
+  const auto opt = h.options();
+  at::Tensor mean_t = at::empty({0}, opt), rstd_t = at::empty({0}, opt);
+  at::Tensor t, u;
+  if (placement == 2) {  // t = h + r and u = LN(t) by ATen: u feeds the down-projection
+    t = at::add(h, r);
+    auto ln = at::native_layer_norm(t, {d}, lw, lb, eps);
+    u = std::get<0>(ln);
+    mean_t = std::get<1>(ln).view(-1);
+    rstd_t = std::get<2>(ln).view(-1);
+  } else {
+    u = placement == 0 ? h : r;
+  }
+  at::Tensor z = at::empty({n, rk}, opt), a = at::empty({n, rk}, opt);
+  at::Tensor v = at::empty({n, d}, opt), out = at::empty({n, d}, opt);
+  at::Tensor mean = at::empty({n}, opt), rstd = at::empty({n}, opt);
+  if (n == 0) return {out, z, v, mean, rstd, mean_t, rstd_t};
+  ResidualGemm down{n, rk, d, u.data_ptr<float>(), u.stride(0), wd.data_ptr<float>(), 1, d, nullptr, 0,
+                    bd ? bd->data_ptr<float>() : nullptr, 1.0f, z.data_ptr<float>(), rk};
+  TORCH_INTERNAL_ASSERT(residual_gemm(down));
+  if (!activation_forward_avx512(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
+    activation_out_aten(a, z, activation);
+  LnRows ln{v.data_ptr<float>(), d, lw ? lw->data_ptr<float>() : nullptr, lb ? lb->data_ptr<float>() : nullptr,
+            static_cast<float>(eps), d, out.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>()};
+  const at::Tensor& base = placement == 2 ? t : h;
+  ResidualGemm up{n, d, rk, a.data_ptr<float>(), rk, wu.data_ptr<float>(), 1, rk, base.data_ptr<float>(), base.stride(0),
+                  bu ? bu->data_ptr<float>() : nullptr, static_cast<float>(scaling), v.data_ptr<float>(), d};
+  if (placement != 2) {  // v = h + r + s * (...): r as the second residual
+    up.r2 = r.data_ptr<float>();
+    up.ldr2 = r.stride(0);
+  }
+  up.rows_done = ln_rows;
+  up.ctx = &ln;
+  TORCH_INTERNAL_ASSERT(residual_gemm(up));
+  return {out, z, v, mean, rstd, mean_t, rstd_t};
+#else
+  return {};
+#endif
+}
+
+at::Tensor layernorm_backward_input_cpu(const at::Tensor& dout_in, const at::Tensor& v, const at::Tensor& mean,
+                                        const at::Tensor& rstd, const c10::optional<at::Tensor>& ln_weight) {
+  TORCH_CHECK(dout_in.dim() == 2 && v.sizes() == dout_in.sizes(), "fastadapter cpp: dout and v must be [N, d]");
+  if (!(FASTADAPTER_HAVE_AVX2_ROWS && dout_in.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+        residual_gemm_available(true)))
+    return at::Tensor();
+#if FASTADAPTER_HAVE_AVX2_ROWS
+  const at::Tensor dout = unit_columns(dout_in), vc = unit_columns(v);
+  const at::Tensor mu = mean.to(at::kFloat).contiguous(), rs = rstd.to(at::kFloat).contiguous();
+  const auto lw = fp32(ln_weight);
+  const int64_t n = dout.size(0), d = dout.size(1);
+  at::Tensor dv = at::empty({n, d}, dout.options());
+  const float *gp = dout.data_ptr<float>(), *vp = vc.data_ptr<float>(), *mp = mu.data_ptr<float>();
+  const float *rp = rs.data_ptr<float>(), *wp = lw ? lw->data_ptr<float>() : nullptr;
+  float* op = dv.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    ln_backward_rows(b, e, d, gp, dout.stride(0), vp, vc.stride(0), mp, rp, wp, op);
+  });
+  return dv;
+#else
+  return at::Tensor();
+#endif
+}
+
+}  // namespace fastadapter

@@ -1,0 +1,30 @@
+// The adapter site on the CPU (adapter_layernorm_cpu.cpp): LN(h + r + s·f(u)), fp32, with
+// the residual adds and the LayerNorm in the epilogue of the AVX2 kernel of
+// cpu_residual_gemm.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fastadapter {
+
+// placement: 0 houlsby (u = h), 1 parallel (u = r), 2 pfeiffer (u = LN(h + r), the sum
+// and its LayerNorm by ATen first). Returns {out, z, v, mean, rstd, mean_t, rstd_t}, v the
+// LayerNorm's input (fp32, kept for the backward), mean / rstd its row statistics, and
+// mean_t / rstd_t those of h + r (pfeiffer; empty otherwise); or an empty list where it
+// cannot run (not fp32, no AVX2 kernel, r or d below 8), and the caller composes ATen ops.
+std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h, const at::Tensor& r, const at::Tensor& w_down,
+                                                      const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                      const c10::optional<at::Tensor>& b_up,
+                                                      const c10::optional<at::Tensor>& ln_weight,
+                                                      const c10::optional<at::Tensor>& ln_bias, int64_t placement,
+                                                      double eps, int64_t activation, double scaling);
+
+// The LayerNorm backward to its input, dv = rstd * (g - mean(g) - x̂ * mean(g * x̂)) with
+// g = dout * w and x̂ = (v - mean) * rstd, in one pass over the rows of dout and v (fp32);
+// an undefined tensor where the AVX2 kernels do not run here.
+at::Tensor layernorm_backward_input_cpu(const at::Tensor& dout, const at::Tensor& v, const at::Tensor& mean,
+                                        const at::Tensor& rstd, const c10::optional<at::Tensor>& ln_weight);
+
+}  // namespace fastadapter
