@@ -198,7 +198,6 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
   }
 }
 
-
 // ---------------------------------------------------------------------------- AVX2
 
 namespace avx2 {
