@@ -4,9 +4,8 @@
 // ridge point), so fusion saves element-wise passes, allocations and saved tensors, and
 // the rest is GEMM speed. On CPUs with AVX-512 or AVX2 the four products with an N x r
 // or N x d output run in the register-tiled kernels of cpu_residual_gemm.h with their
-// epilogues (MKL is slow at N x 64 outputs), the N x r element-wise work in the AVX-512
-// passes of cpu_activation.h where there is AVX-512 (ATen ops elsewhere), and the two
-// weight-gradient reductions over N in MKL:
+// epilogues (MKL is slow at N x 64 outputs), the N x r element-wise work in the passes
+// of cpu_activation.h, and the two weight-gradient reductions over N in MKL:
 //   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
 //   backward: da = dy W_u; one pass for a and dz = s * da * act'(z);
@@ -97,7 +96,7 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
   }
   at::Tensor a = at::empty({n, r}, fopt);
   if (acc != at::kFloat ||
-      !activation_forward_avx512(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
+      !activation_forward_pass(n, r, z.data_ptr<float>(), z.stride(0), a.data_ptr<float>(), a.stride(0), activation))
     activation_out_aten(a, z, activation);
   if (widen) round_to(a, dt);
   // y = R + s * (a W_u^T + b_u) in one pass; on the ATen path R + s * b_u is written
@@ -143,11 +142,11 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   }
   at::Tensor a, dz;  // a = act(z) for dW_up; dz = s * da * act'(z)
   if (acc == at::kFloat && (need_dwu || need_dz)) {
-    // one AVX-512 pass over z and da for a and dz (in place of da)
+    // one pass (AVX-512 or AVX2) over z and da for a and dz (in place of da)
     const at::Tensor zc = z.stride(1) == 1 ? z : z.contiguous();
     if (need_dwu) a = at::empty({n, r}, fopt);
     float* dap = need_dz ? da.data_ptr<float>() : nullptr;
-    if (activation_backward_avx512(n, r, zc.data_ptr<float>(), zc.stride(0), dap, need_dz ? da.stride(0) : 0, activation,
+    if (activation_backward_pass(n, r, zc.data_ptr<float>(), zc.stride(0), dap, need_dz ? da.stride(0) : 0, activation,
                                    static_cast<float>(scaling), need_dwu ? a.data_ptr<float>() : nullptr,
                                    need_dwu ? a.stride(0) : 0, dap, need_dz ? da.stride(0) : 0)) {
       if (need_dz) dz = da;

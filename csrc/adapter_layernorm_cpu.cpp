@@ -169,7 +169,7 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   ResidualGemm down{n, rk, d, u.data_ptr<float>(), u.stride(0), wd.data_ptr<float>(), 1, d, nullptr, 0,
                     bd ? bd->data_ptr<float>() : nullptr, 1.0f, z.data_ptr<float>(), rk};
   TORCH_INTERNAL_ASSERT(residual_gemm(down));
-  if (!activation_forward_avx512(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
+  if (!activation_forward_pass(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
     activation_out_aten(a, z, activation);
   LnRows ln{v.data_ptr<float>(), d, lw ? lw->data_ptr<float>() : nullptr, lb ? lb->data_ptr<float>() : nullptr,
             static_cast<float>(eps), d, out.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>()};

@@ -27,9 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx512_kernels_enabled", &fastadapter::set_avx512_kernels_enabled,
         "turn the cpp backend's AVX-512 kernels on or off (off: the AVX2 kernel where on, else ATen ops); returns the "
         "previous setting");
-  m.def("avx2_kernels", &fastadapter::avx2_kernels_available,
-        "whether the cpp backend runs its products with the AVX2 kernel here (where AVX-512 is off or absent, and for "
-        "the mixed-adapter op's gathered rows)");
+  m.def("avx2_kernels", []() {
+    return std::vector<bool>{fastadapter::avx2_kernels_available(), fastadapter::activation_avx2_available()};
+  }, "whether the cpp backend runs [its products, the activation passes] with AVX2 here (where AVX-512 is off or "
+     "absent; the products with row maps always)");
   m.def("set_avx2_kernels_enabled", &fastadapter::set_avx2_kernels_enabled,
         "turn the cpp backend's AVX2 kernel on or off; returns the previous setting");
   m.def("activation_names", []() {

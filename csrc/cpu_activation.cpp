@@ -1,4 +1,4 @@
-// AVX-512 passes over the bottleneck activations (see cpu_activation.h).
+// AVX-512 and AVX2 passes over the bottleneck activations (see cpu_activation.h).
 //
 // The formulas are ATen's, term for term (GeluKernel.cpp and friends), so the results
 // agree with at::gelu / at::gelu_backward to a few ulp; NaN passes the same way.
@@ -19,12 +19,16 @@
 #define FASTADAPTER_HAVE_AVX512_KERNEL 1
 #include <immintrin.h>
 #define FA_AVX512 __attribute__((target("avx512f")))
-// SLEEF's AVX-512 functions, exported by libtorch_cpu on x86-64 Linux wheels. Weak: a
-// torch without them leaves these null and the callers take the ATen path.
+#define FA_AVX2 __attribute__((target("avx2,fma")))
+// SLEEF's AVX-512 and AVX2 functions, exported by libtorch_cpu on x86-64 Linux wheels.
+// Weak: a torch without them leaves these null and the callers take the ATen path.
 extern "C" {
 FA_AVX512 __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
 FA_AVX512 __m512 Sleef_erff16_u10(__m512) __attribute__((weak));
 FA_AVX512 __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+FA_AVX2 __m256 Sleef_expf8_u10avx2(__m256) __attribute__((weak));
+FA_AVX2 __m256 Sleef_erff8_u10avx2(__m256) __attribute__((weak));
+FA_AVX2 __m256 Sleef_tanhf8_u10avx2(__m256) __attribute__((weak));
 }
 #else
 #define FASTADAPTER_HAVE_AVX512_KERNEL 0
@@ -55,7 +59,8 @@ FA_AVX512 inline ActDeriv act_and_deriv(__m512 z, Activation act, bool want_valu
   switch (act) {
     case Activation::Relu: {
       r.value = _mm512_max_ps(zero, z);  // max(0, NaN) is NaN, like torch.relu
-      r.deriv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_GT_OQ), zero, one);
+      // 1 where not z <= 0, NaN included: ATen's threshold_backward passes the gradient there
+      r.deriv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_NLE_UQ), zero, one);
       break;
     }
     case Activation::Gelu: {
@@ -135,6 +140,107 @@ FA_AVX512 void backward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, 
   }
 }
 
+// ---------------------------------------------------------------------------- AVX2: the same, 8 lanes
+
+bool available_avx2() {
+  static const bool sleef =
+      Sleef_expf8_u10avx2 != nullptr && Sleef_erff8_u10avx2 != nullptr && Sleef_tanhf8_u10avx2 != nullptr;
+  return sleef && avx2_kernels_available();
+}
+
+struct ActDeriv8 {
+  __m256 value, deriv;
+};
+
+FA_AVX2 inline ActDeriv8 act_and_deriv8(__m256 z, Activation act, bool want_value, bool want_deriv) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  ActDeriv8 r{zero, zero};
+  switch (act) {
+    case Activation::Relu: {
+      // max(0, z) with z second: NaN passes, like torch.relu
+      r.value = _mm256_max_ps(zero, z);
+      r.deriv = _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_NLE_UQ), one);  // NaN: 1, as ATen
+      break;
+    }
+    case Activation::Gelu: {
+      const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, Sleef_erff8_u10avx2(_mm256_mul_ps(z, _mm256_set1_ps(M_SQRT1_2)))));
+      if (want_value) r.value = _mm256_mul_ps(z, cdf);
+      if (want_deriv) {
+        const float beta = M_2_SQRTPI * M_SQRT1_2 * 0.5;  // 1 / sqrt(2 pi)
+        const __m256 pdf = _mm256_mul_ps(Sleef_expf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(z, z))),
+                                         _mm256_set1_ps(beta));
+        r.deriv = _mm256_fmadd_ps(z, pdf, cdf);
+      }
+      break;
+    }
+    case Activation::GeluTanh: {
+      const float beta = M_SQRT2 * M_2_SQRTPI * 0.5, kappa = 0.044715f;
+      const __m256 z2 = _mm256_mul_ps(z, z);
+      const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_fmadd_ps(_mm256_set1_ps(kappa), _mm256_mul_ps(z2, z), z));
+      const __m256 t = Sleef_tanhf8_u10avx2(inner);
+      const __m256 left = _mm256_mul_ps(half, z), right = _mm256_add_ps(one, t);
+      if (want_value) r.value = _mm256_mul_ps(left, right);
+      if (want_deriv) {
+        const __m256 left_d = _mm256_mul_ps(half, right);
+        const __m256 inner_d = _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_fmadd_ps(_mm256_set1_ps(3.0f * kappa), z2, one));
+        const __m256 right_d = _mm256_mul_ps(_mm256_mul_ps(left, _mm256_fnmadd_ps(t, t, one)), inner_d);
+        r.deriv = _mm256_add_ps(left_d, right_d);
+      }
+      break;
+    }
+    case Activation::Silu: {
+      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, Sleef_expf8_u10avx2(_mm256_sub_ps(zero, z))));
+      if (want_value) r.value = _mm256_mul_ps(z, sig);
+      if (want_deriv) r.deriv = _mm256_mul_ps(sig, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sig), one));
+      break;
+    }
+    case Activation::Tanh: {
+      const __m256 t = Sleef_tanhf8_u10avx2(z);
+      r.value = t;
+      r.deriv = _mm256_fnmadd_ps(t, t, one);
+      break;
+    }
+    case Activation::Identity: {
+      r.value = z;
+      r.deriv = one;
+      break;
+    }
+  }
+  return r;
+}
+
+FA_AVX2 inline __m256i lanes8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+FA_AVX2 void forward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
+                           Activation act) {
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = 0; j < r; j += 8) {
+      const __m256i m = lanes8(r - j);
+      const __m256 zv = _mm256_maskload_ps(z + i * ldz + j, m);
+      _mm256_maskstore_ps(a + i * lda + j, m, act_and_deriv8(zv, act, true, false).value);
+    }
+  }
+}
+
+FA_AVX2 void backward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
+                            Activation act, float s, float* a, int64_t lda, float* dz, int64_t lddz) {
+  const __m256 vs = _mm256_set1_ps(s);
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = 0; j < r; j += 8) {
+      const __m256i m = lanes8(r - j);
+      const __m256 zv = _mm256_maskload_ps(z + i * ldz + j, m);
+      const ActDeriv8 v = act_and_deriv8(zv, act, a != nullptr, dz != nullptr);
+      if (a) _mm256_maskstore_ps(a + i * lda + j, m, v.value);
+      if (dz) {
+        const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_maskload_ps(da + i * ldda + j, m), v.deriv), vs);
+        _mm256_maskstore_ps(dz + i * lddz + j, m, g);
+      }
+    }
+  }
+}
+
 #endif  // FASTADAPTER_HAVE_AVX512_KERNEL
 
 }  // namespace
@@ -147,11 +253,22 @@ bool activation_avx512_available() {
 #endif
 }
 
-bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
+bool activation_avx2_available() {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
-  if (!available()) return false;
+  return available_avx2();
+#else
+  return false;
+#endif
+}
+
+bool activation_forward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  const bool wide = available();
+  if (!wide && !available_avx2()) return false;
   at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
-    forward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, a, lda, static_cast<Activation>(act));
+    const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
+    if (wide) forward_rows(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
+    else forward_rows8(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
   });
   return true;
 #else
@@ -159,13 +276,18 @@ bool activation_forward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz
 #endif
 }
 
-bool activation_backward_avx512(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
-                                float s, float* a, int64_t lda, float* dz, int64_t lddz) {
+bool activation_backward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
+                              float s, float* a, int64_t lda, float* dz, int64_t lddz) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
-  if (!available()) return false;
+  const bool wide = available();
+  if (!wide && !available_avx2()) return false;
   at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
-    backward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda,
-                  dz, lddz);
+    const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
+    if (wide) {
+      backward_rows(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
+    } else {
+      backward_rows8(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
+    }
   });
   return true;
 #else

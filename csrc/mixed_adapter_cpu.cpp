@@ -178,7 +178,7 @@ std::vector<at::Tensor> forward_mapped(const Groups& g, const at::Tensor& x_in, 
     run(down);
     // a = act(z)
     float* ap = a.data_ptr<float>() + begin * r;
-    if (!activation_forward_avx512(rows, r, z.data_ptr<float>() + begin * r, r, ap, r, activation)) {
+    if (!activation_forward_pass(rows, r, z.data_ptr<float>() + begin * r, r, ap, r, activation)) {
       at::Tensor a_k = a.narrow(0, begin, rows);
       activation_out_aten(a_k, z.narrow(0, begin, rows), activation);
     }
@@ -241,7 +241,7 @@ std::vector<at::Tensor> backward_mapped(const Groups& g, const at::Tensor& dy_in
     }
     // a = act(z) and dz = s * da * act'(z) in one pass
     float* dap = need_dz ? dak.data_ptr<float>() : nullptr;
-    if (!activation_backward_avx512(rows, r, zk.data_ptr<float>(), r, dap, r, activation, static_cast<float>(scaling),
+    if (!activation_backward_pass(rows, r, zk.data_ptr<float>(), r, dap, r, activation, static_cast<float>(scaling),
                                     need_dwu ? ak.data_ptr<float>() : nullptr, r, dap, r)) {
       if (need_dwu) activation_out_aten(ak, zk, activation);
       if (need_dz) {

@@ -73,7 +73,7 @@ def extension() -> dict[str, Any]:
         if hasattr(module, "avx512_kernels"):
             out["avx512_kernels"] = bool(module.avx512_kernels()[0])
         if hasattr(module, "avx2_kernels"):
-            out["avx2_kernels"] = bool(module.avx2_kernels())
+            out["avx2_kernels"] = bool(module.avx2_kernels()[0])
     out["cache_dir"] = os.path.dirname(str(ext.build_dir("fastadapter_C")))
     return out
 
