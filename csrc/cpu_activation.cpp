@@ -264,7 +264,7 @@ bool activation_avx2_available() {
 bool activation_forward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   const bool wide = available();
-  if (!wide && !available_avx2()) return false;
+  if (r < kResidualGemmMin || (!wide && !available_avx2())) return false;
   at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
     if (wide) forward_rows(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
@@ -280,7 +280,7 @@ bool activation_backward_pass(int64_t n, int64_t r, const float* z, int64_t ldz,
                               float s, float* a, int64_t lda, float* dz, int64_t lddz) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   const bool wide = available();
-  if (!wide && !available_avx2()) return false;
+  if (r < kResidualGemmMin || (!wide && !available_avx2())) return false;
   at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
     const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
     if (wide) {

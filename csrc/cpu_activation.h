@@ -1,7 +1,8 @@
 // The cpp backend's element-wise work on the N x r bottleneck, fp32, in one AVX-512 or
 // AVX2 pass each way (cpu_activation.cpp). Vector exp / erf / tanh come from the SLEEF
-// build inside libtorch; without them, or without either kernel (cpu_residual_gemm.h),
-// the passes return false and the caller uses ATen ops.
+// build inside libtorch; without them, without either kernel (cpu_residual_gemm.h), or
+// for r < 8 (where a row's vectors would be mostly masked lanes and ATen's flat pass over
+// the N x r tensor uses them all), the passes return false and the caller uses ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>
