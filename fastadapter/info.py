@@ -134,7 +134,7 @@ def format_report(info: dict[str, Any]) -> str:
         elif e["avx512_kernels"]:
             avx = ", its AVX-512 kernels in use"
         elif e.get("avx2_kernels"):
-            avx = ", its AVX2 kernel in use (no AVX-512 kernels here)"
+            avx = ", its AVX2 kernels in use (not the AVX-512 ones)"
         else:
             why = "turned off" if c["features"]["avx512f"] or c["features"]["avx2"] else "no AVX2 here"
             avx = f", its AVX-512 and AVX2 kernels not in use ({why}: ATen and MKL)"
