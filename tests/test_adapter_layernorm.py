@@ -208,25 +208,10 @@ def test_nan_propagates_by_row(backend, placement):
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
 
 
-@pytest.fixture(params=["avx2", "aten"])
-def cpp_site_path(request):
-    """The cpp backend's two ways through the site in fp32: csrc/adapter_layernorm_cpu.cpp
-    (the residual adds and the LayerNorm in the AVX2 kernel's epilogue, the LayerNorm
-    backward in one pass; r >= 8), and the adapter kernels with ATen's LayerNorm (the AVX2
-    kernel off)."""
-    require("cpp", "cpu")
-    from fastadapter.backends import extension
-
-    module = extension.load()[0]
-    if request.param == "avx2" and not all(module.avx2_kernels()):
-        pytest.skip("this CPU has no AVX2 and FMA")
-    previous = module.set_avx2_kernels_enabled(request.param == "avx2")
-    try:
-        yield request.param
-    finally:
-        module.set_avx2_kernels_enabled(previous)
-
-
+# The cpp backend's two ways through the site in fp32 (the cpp_avx2 fixture):
+# csrc/adapter_layernorm_cpu.cpp (the residual adds and the LayerNorm in the AVX2 kernel's
+# epilogue, the LayerNorm backward in one pass; r >= 8), and the adapter kernels with
+# ATen's LayerNorm.
 # r >= 8; d around the 8-float vectors and the 16-column blocks; N = 0, 1 and around the
 # 6-row micro-rows; non-contiguous h and r
 FUSED_SHAPES = [((29,), 40, 8, "contiguous"), ((7, 5), 100, 17, "transposed"), ((1,), 24, 9, "strided"),
@@ -236,7 +221,7 @@ FUSED_SHAPES = [((29,), 40, 8, "contiguous"), ((7, 5), 100, 17, "transposed"), (
 @pytest.mark.parametrize("lead,d,r,layout", FUSED_SHAPES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("ln_trains", [False, True], ids=["ln-frozen", "ln-trains"])
-def test_cpp_fused_site(cpp_site_path, lead, d, r, layout, placement, ln_trains):
+def test_cpp_fused_site(cpp_avx2, lead, d, r, layout, placement, ln_trains):
     inputs = make_site(None, d, r, lead=lead, layout=layout, seed=d + r)
     trainable = [1, 1, 1, 1, 1, 1, int(ln_trains), int(ln_trains)]
     got = check_site("cpp", inputs, placement, "gelu", scaling=0.75, trainable=trainable)
@@ -245,16 +230,16 @@ def test_cpp_fused_site(cpp_site_path, lead, d, r, layout, placement, ln_trains)
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("ln", ["weight", "none"])
-def test_cpp_fused_site_without_affine_parts(cpp_site_path, placement, ln):
+def test_cpp_fused_site_without_affine_parts(cpp_avx2, placement, ln):
     check_site("cpp", make_site(25, 48, 16, ln=ln, bias=False, seed=6), placement, "silu", scaling=1.5)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpp_fused_site_every_activation(cpp_site_path, activation):
+def test_cpp_fused_site_every_activation(cpp_avx2, activation):
     check_site("cpp", make_site(19, 56, 10, seed=ACTIVATIONS.index(activation)), "houlsby", activation)
 
 
-def test_cpp_fused_site_nan_stays_in_its_row(cpp_site_path):
+def test_cpp_fused_site_nan_stays_in_its_row(cpp_avx2):
     h, r, *rest = make_site(13, 40, 8, seed=2)
     h[7, 5] = float("nan")
     out = fa.adapter_layernorm(h, r, *rest, placement="houlsby", activation="gelu", backend="cpp")

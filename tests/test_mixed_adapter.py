@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import fastadapter as fa
 from fastadapter import backends
-from fastadapter.backends import extension
 from fastadapter.ops.mixed_adapter import mixed_adapter_backward, mixed_adapter_forward
 
 from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, rel_err, require, torch_act
@@ -180,22 +179,9 @@ def test_one_adapter_everywhere_is_the_adapter_op(backend):
     assert rel_err(y, want) <= 1e-6
 
 
-@pytest.fixture(params=["avx2", "gather"])
-def cpp_mixed_path(request):
-    """The cpp backend's two ways through the mixed op: its AVX2 kernel reading and writing
-    rows through row maps (fp32, r and d >= 8), and gather, adapter kernels, scatter (the
-    AVX2 kernel off)."""
-    require("cpp", "cpu")
-    module = extension.load()[0]
-    if request.param == "avx2" and not all(module.avx2_kernels()):
-        pytest.skip("this CPU has no AVX2 and FMA")
-    previous = module.set_avx2_kernels_enabled(request.param == "avx2")
-    try:
-        yield request.param
-    finally:
-        module.set_avx2_kernels_enabled(previous)
-
-
+# The cpp backend's two ways through the mixed op (the cpp_avx2 fixture): its AVX2 kernel
+# reading and writing rows through row maps (fp32, r and d >= 8), and gather, adapter
+# kernels, scatter.
 # (lead shape, d, r, adapters, layout): d and r around the AVX2 kernel's 16-column blocks,
 # 8-lane vectors and 6-row micro-tiles, r = 8 its smallest; strided and transposed x
 ROW_MAP_CASES = [((203,), 40, 8, 3, "contiguous"), ((97,), 100, 17, 4, "strided"), ((5, 13), 24, 16, 2, "transposed"),
@@ -205,7 +191,7 @@ ROW_MAP_CASES = [((203,), 40, 8, 3, "contiguous"), ((97,), 100, 17, 4, "strided"
 @pytest.mark.parametrize("lead, d, r, adapters, layout", ROW_MAP_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("order", ["random", "grouped"])
 @pytest.mark.parametrize("residual_mode", ["x", "none", "tensor"])
-def test_cpp_row_maps_and_gathers(cpp_mixed_path, lead, d, r, adapters, layout, order, residual_mode):
+def test_cpp_row_maps_and_gathers(cpp_avx2, lead, d, r, adapters, layout, order, residual_mode):
     x, index, *w = make_mixed(None, d, r, adapters, lead=lead, layout=layout, seed=d + r)
     index = torch.where(index == adapters - 1, torch.full_like(index, -1), index)  # the last adapter unused
     if order == "grouped":
@@ -216,7 +202,7 @@ def test_cpp_row_maps_and_gathers(cpp_mixed_path, lead, d, r, adapters, layout, 
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpp_row_maps_every_activation(cpp_mixed_path, activation):
+def test_cpp_row_maps_every_activation(cpp_avx2, activation):
     x, index, *w = make_mixed(150, 56, 12, 3, seed=ACTIVATIONS.index(activation))
     check_mixed("cpp", x, index, w, activation=activation)
 
