@@ -26,4 +26,13 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
                                              int64_t activation, double scaling, bool residual_is_x,
                                              std::vector<bool> needs);
 
+// Operands for the kernels of cpu_residual_gemm.h, shared by the cpp ops: t itself where
+// its columns are unit-strided, else a contiguous copy; an optional tensor as contiguous fp32.
+inline at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+inline c10::optional<at::Tensor> fp32(const c10::optional<at::Tensor>& t) {
+  if (!t) return c10::nullopt;
+  return t->to(at::kFloat).contiguous();
+}
+
 }  // namespace fastadapter

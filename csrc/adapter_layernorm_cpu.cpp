@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "adapter_cpu.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
 
@@ -121,13 +122,6 @@ FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float
 }
 
 #endif  // FASTADAPTER_HAVE_AVX2_ROWS
-
-at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
-c10::optional<at::Tensor> fp32(const c10::optional<at::Tensor>& t) {
-  if (!t) return c10::nullopt;
-  return t->to(at::kFloat).contiguous();
-}
 
 bool runs_here(const at::Tensor& h, int64_t r) {
   return FASTADAPTER_HAVE_AVX2_ROWS && h.scalar_type() == at::kFloat && residual_gemm_available(true) &&

@@ -112,13 +112,6 @@ bool mapped(const at::Tensor& x, const c10::optional<at::Tensor>& residual, bool
          x.size(1) >= kResidualGemmMin;
 }
 
-at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
-c10::optional<at::Tensor> fp32(const c10::optional<at::Tensor>& t) {
-  if (!t) return c10::nullopt;
-  return t->to(at::kFloat).contiguous();
-}
-
 // The rows [begin, end) of the grouped order of a tensor with row stride ld: its base and
 // row map (none where the order is the identity: the rows are then base + (begin + i) * ld).
 template <typename T>
