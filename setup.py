@@ -26,6 +26,7 @@ if os.environ.get("FASTADAPTER_BUILD_EXT", "0") == "1":
         "csrc/adapter_layernorm_cpu.cpp",
         "csrc/cpu_activation.cpp",
         "csrc/cpu_residual_gemm.cpp",
+        "csrc/cpu_weight_grad.cpp",
         "csrc/mixed_adapter_cpu.cpp",
     ]
     defines = []

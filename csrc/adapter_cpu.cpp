@@ -5,12 +5,14 @@
 // the rest is GEMM speed. On CPUs with AVX-512 or AVX2 the four products with an N x r
 // or N x d output run in the register-tiled kernels of cpu_residual_gemm.h with their
 // epilogues (MKL is slow at N x 64 outputs), the N x r element-wise work in the passes
-// of cpu_activation.h, and the two weight-gradient reductions over N in MKL:
+// of cpu_activation.h, and the two weight-gradient reductions over N in the kernel of
+// cpu_weight_grad.h on AVX2 CPUs (MKL where AVX-512 runs):
 //   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
 //   backward: da = dy W_u; one pass for a and dz = s * da * act'(z);
 //             db_d = sum(dz); dW_u = s * dy^T a; db_u = s * sum(dy); dW_d = dz^T x
-//             (the reductions over N as the reference backend forms them);
+//             (the bias sums by ATen, as the reference backend forms them; the weight
+//             gradients by the kernel of cpu_weight_grad.h on AVX2 CPUs, else MKL);
 //             dx = dy + dz W_d in one pass over dx.
 // Elsewhere (neither kernel, float64) the same steps run as ATen ops, y and dx formed by
 // writing R (or dy) first and letting the GEMM accumulate into it.
@@ -27,6 +29,7 @@
 
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
+#include "cpu_weight_grad.h"
 
 #include <vector>
 
@@ -62,6 +65,22 @@ bool residual_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
                  c.defined() ? c.data_ptr<float>() : nullptr, static_cast<float>(s),
                  out.data_ptr<float>(), out.stride(0)};
   return residual_gemm(g);
+}
+
+// out = s * a^T b ([m, d]), or its transpose, by the kernel of cpu_weight_grad.h: false
+// where it cannot run here (float64, neither AVX2 nor m, d >= 8, AVX-512 on), and the
+// caller takes ATen's GEMM.
+bool weight_grad_out(at::Tensor& out, at::Tensor a, at::Tensor b, double s, bool transposed) {
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
+  const int64_t n = a.size(0), m = a.size(1), d = b.size(1);
+  if (a.stride(1) != 1) a = a.contiguous();
+  if (b.stride(1) != 1) b = b.contiguous();
+  at::Tensor o = at::empty(transposed ? at::IntArrayRef{d, m} : at::IntArrayRef{m, d}, a.options());
+  WeightGrad g{n, m, d, a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0), static_cast<float>(s),
+               o.data_ptr<float>(), transposed};
+  if (!weight_grad(g)) return false;
+  out = o;
+  return true;
 }
 
 }  // namespace
@@ -158,11 +177,12 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
     dz = activation_backward_aten(da, z, activation);
     if (scaling != 1.0) dz.mul_(scaling);
   }
-  // The reductions over N are formed as the reference backend (and eager autograd) forms
-  // them: bias gradients by ATen's sum, weight gradients by one GEMM in the same
-  // orientation. Their rounding then never depends on a BLAS path that only this
-  // backend takes (MKL sums a ones column of a GEMM, or a transposed product, in an
-  // order of its own, which on some CPUs loses several bits over a few thousand rows).
+  // The bias gradients are ATen's sums, as the reference backend (and eager autograd)
+  // forms them, not a ones column of a GEMM: MKL sums those in an order of its own, which
+  // on some CPUs loses several bits over a few thousand rows. The weight gradients are
+  // the kernel of cpu_weight_grad.h where it runs (sums of 64 rows in registers, then the
+  // blocks in order: as accurate as MKL's here), else one GEMM in the reference's
+  // orientation.
   if (need_dbd) dbd = dz.sum(0);
   if (need_dz && widen) round_to(dz, dt);
   if (need_dwu) {
@@ -171,15 +191,20 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
       activation_out_aten(a, z, activation);
     }
     if (widen) round_to(a, dt);
-    dwu = at::mm(g.t(), a);  // [d, r]
-    if (scaling != 1.0) dwu.mul_(scaling);
+    if (!weight_grad_out(dwu, a, g, scaling, true)) {
+      dwu = at::mm(g.t(), a);  // [d, r]
+      if (scaling != 1.0) dwu.mul_(scaling);
+    }
   }
   if (need_dbu) {
     dbu = g.sum(0);
     if (scaling != 1.0) dbu.mul_(scaling);
   }
   if (need_dz) {
-    if (need_dwd) dwd = at::mm(dz.t(), widen ? x.to(acc) : x);
+    if (need_dwd) {
+      const at::Tensor xa = widen ? x.to(acc) : x;
+      if (!weight_grad_out(dwd, dz, xa, 1.0, false)) dwd = at::mm(dz.t(), xa);
+    }
     if (need_dx) {
       const at::Tensor wd = operand(w_down, dt, acc);
       dx = at::empty({n, d}, fopt);

@@ -7,9 +7,10 @@
 // For fp32 x where the AVX2 kernel of cpu_residual_gemm.h runs, its four products read
 // and write the rows in place through row maps (z = x W_d^T + b_d and da = dy W_u gather
 // their rows of x and dy, y and dx read R or dy and write their rows where they belong),
-// and the activation passes run once over all grouped rows: the forward copies no row, the
-// backward gathers each adapter's rows of dy and x for the two weight-gradient GEMMs (MKL)
-// only. Elsewhere each adapter's rows are gathered (a parallel memcpy per row), run
+// and the activation passes run once over all grouped rows: the forward copies no row; the
+// backward gathers each adapter's rows of dy (for the db_up sum and dW_up), and the
+// weight-gradient kernel of cpu_weight_grad.h reads x's rows through the map (MKL, where
+// that kernel does not run, reads gathered rows of x). Elsewhere each adapter's rows are gathered (a parallel memcpy per row), run
 // through the adapter kernels of adapter_cpu.cpp and scattered back. A batch whose index
 // is already grouped (each adapter's rows contiguous, in order) runs on views either way.
 #include "mixed_adapter_cpu.h"
@@ -20,6 +21,7 @@
 #include "adapter_cpu.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
+#include "cpu_weight_grad.h"
 
 #include <cstring>
 #include <vector>
@@ -212,7 +214,7 @@ std::vector<at::Tensor> backward_mapped(const Groups& g, const at::Tensor& dy_in
   at::Tensor a = need_dwu ? at::empty({n, r}, opt) : at::Tensor();
   const at::Tensor zc = z.contiguous();
   // adapter by adapter: its rows of dy are gathered once and read from cache by da, the
-  // dW_up GEMM, the db_up sum and dx's residual; its rows of x once, for the dW_down GEMM
+  // dW_up product, the db_up sum and dx's residual
   for (int64_t k = 0; k < adapters; ++k) {
     const int64_t begin = g.offset[k + 1], end = g.offset[k + 2], rows = end - begin;
     if (rows == 0 || !(need_dz || need_dwu || need_dbu)) continue;
@@ -244,19 +246,27 @@ std::vector<at::Tensor> backward_mapped(const Groups& g, const at::Tensor& dy_in
       }
     }
     if (need_dbd) dbd.select(0, k).copy_(dak.sum(0));
-    if (need_dwu) {
+    if (need_dwu) {  // dW_u = s * dy^T a: the kernel of cpu_weight_grad.h, else MKL
       at::Tensor out = dwu.select(0, k);
-      at::mm_out(out, dyk.t(), ak);
-      if (scaling != 1.0) out.mul_(scaling);
+      WeightGrad wg{rows, r, d, ak.data_ptr<float>(), r, dys.base, lddy, static_cast<float>(scaling),
+                    out.data_ptr<float>(), true};
+      wg.b_rows = dys.map;
+      if (!weight_grad(wg)) {
+        at::mm_out(out, dyk.t(), ak);
+        if (scaling != 1.0) out.mul_(scaling);
+      }
     }
     if (need_dbu) {
       at::Tensor out = dbu.select(0, k);
       at::sum_out(out, dyk, 0);
       if (scaling != 1.0) out.mul_(scaling);
     }
-    if (need_dwd) {
+    if (need_dwd) {  // dW_d = dz^T x, x's rows through the map (MKL: gathered)
       at::Tensor out = dwd.select(0, k);
-      at::mm_out(out, dak.t(), gather(g, x, begin, end));
+      const auto xs = rows_at<const float>(g, x.data_ptr<float>(), x.stride(0), begin);
+      WeightGrad wg{rows, r, d, dak.data_ptr<float>(), r, xs.base, x.stride(0), 1.0f, out.data_ptr<float>(), false};
+      wg.b_rows = xs.map;
+      if (!weight_grad(wg)) at::mm_out(out, dak.t(), gather(g, x, begin, end));
     }
     if (need_dx) {  // dx = dy + dz W_d, dx's rows through the map
       const auto xs = rows_at<float>(g, dx.data_ptr<float>(), d, begin);

@@ -11,7 +11,7 @@ import torch
 
 from fastadapter.backends import extension
 
-from .helpers import check_against_float64, make_inputs, require
+from .helpers import check_against_float64, make_inputs, rel_err, require
 
 
 def _cpu_flags() -> set:
@@ -84,18 +84,21 @@ def test_half_x_without_bias(path, dtype):
 
 
 def test_same_bits_on_one_thread_and_on_all(path):
-    """y and dx (the products with d outputs per row) do not depend on the thread count.
-    The weight gradients reduce over N inside MKL, which splits that sum by thread, so
-    they are reproducible for a given thread count only (tests/test_adapter.py)."""
+    """y and dx (the products with d outputs per row) do not depend on the thread count; on
+    the avx2 path the weight gradients neither (cpu_weight_grad.cpp splits columns, not N).
+    MKL's weight-gradient GEMMs split the sum over N by thread, so elsewhere those are
+    reproducible for a given thread count only (tests/test_adapter.py)."""
     import fastadapter as fa
 
     x, w_down, b_down, w_up, b_up = make_inputs(1000, 192, 32)
     params = (w_down, b_down, w_up, b_up)
-    x.requires_grad_()
+    for t in (x, w_down, w_up):
+        t.requires_grad_()
+    wrt = [x] + ([w_down, w_up] if path == "avx2" else [])
 
     def run():
         y = fa.fused_adapter(x, *params, activation="gelu", backend="cpp")
-        return (y, torch.autograd.grad(y, x, torch.ones_like(y))[0])
+        return (y, *torch.autograd.grad(y, wrt, torch.ones_like(y)))
 
     threads = torch.get_num_threads()
     try:
@@ -161,3 +164,65 @@ def test_bias_gradients_are_the_reference_sums(path):
         y = fa.fused_adapter(x, w_down, b_down, w_up, b_up_, activation="gelu", scaling=0.5, backend=backend)
         (grads[backend],) = torch.autograd.grad(y, b_up_, dy)
     assert torch.equal(grads["cpp"], grads["reference"])
+
+
+# The weight-gradient kernel (csrc/cpu_weight_grad.cpp) alone: N around its 64-row blocks,
+# m around the 6-column panels of A (and its floor of 8), d around B's 16-column panels
+# and the 8-float vectors; several column blocks per thread and several threads.
+WEIGHT_GRAD_SHAPES = [(0, 8, 8), (1, 8, 33), (63, 9, 16), (64, 64, 17), (65, 13, 100), (129, 64, 7 * 16 + 5),
+                      (200, 17, 384), (3000, 64, 768)]  # fmt: skip
+
+
+@pytest.mark.parametrize("n,m,d", WEIGHT_GRAD_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("transposed", [False, True], ids=["m_d", "d_m"])
+def test_weight_grad_kernel_matches_float64(path, module, n, m, d, transposed):
+    g = torch.Generator().manual_seed(n + m + d)
+    # rows further apart than their length: the kernel reads through row strides
+    a = torch.randn(n, m + 3, generator=g)[:, :m]
+    b = torch.randn(n, d + 5, generator=g)[:, :d]
+    got = module.weight_grad_cpu(a, b, 0.75, transposed)
+    if path != "avx2" or m < 8 or d < 8:
+        assert got is None  # AVX-512 (MKL's) or ATen: the caller's GEMM
+        return
+    want = 0.75 * a.double().t() @ b.double()
+    want = want.t() if transposed else want
+    assert got.shape == want.shape and got.is_contiguous()
+    mkl = (a.t() @ b).mul_(0.75)
+    mkl = mkl.t() if transposed else mkl
+    err, mkl_err = rel_err(got, want), rel_err(mkl, want)
+    assert err <= max(2.0 * mkl_err, 1e-6), f"relative error {err:.3e} (MKL: {mkl_err:.3e})"
+
+
+@pytest.mark.parametrize("n,m,d", [(6, 7, 64), (6, 64, 7)], ids=lambda v: str(v))
+def test_weight_grad_kernel_leaves_small_products(module, n, m, d):
+    """m or d below 8 (a bottleneck r < 8) stays on MKL."""
+    assert module.weight_grad_cpu(torch.randn(n, m), torch.randn(n, d), 1.0, False) is None
+
+
+def test_weight_grad_kernel_same_bits_on_one_thread_and_on_all(path, module):
+    """Threads split the output's columns, not the sum over N: every thread count gives the
+    same bits."""
+    a, b = torch.randn(1000, 64), torch.randn(1000, 200)
+    threads = torch.get_num_threads()
+    try:
+        many = module.weight_grad_cpu(a, b, 1.0, True)
+        torch.set_num_threads(1)
+        one = module.weight_grad_cpu(a, b, 1.0, True)
+    finally:
+        torch.set_num_threads(threads)
+    if path != "avx2":
+        assert many is None and one is None
+        return
+    assert torch.equal(many, one)
+
+
+def test_weight_grad_kernel_nan_stays_in_its_column(path, module):
+    """A NaN in row p, column j of B reaches column j of the result only."""
+    if path != "avx2":
+        pytest.skip("the kernel runs on the avx2 path only")
+    a, b = torch.randn(300, 16), torch.randn(300, 40)
+    b[123, 17] = float("nan")
+    got = module.weight_grad_cpu(a, b, 1.0, False)
+    assert torch.isnan(got[:, 17]).all()
+    got[:, 17] = 0
+    assert torch.isfinite(got).all()

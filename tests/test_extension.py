@@ -68,7 +68,9 @@ def test_cpp_builds_in_ci():
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("source", ["cpu_residual_gemm.cpp", "cpu_activation.cpp", "adapter_layernorm_cpu.cpp"])
+@pytest.mark.parametrize(
+    "source", ["cpu_residual_gemm.cpp", "cpu_activation.cpp", "cpu_weight_grad.cpp", "adapter_layernorm_cpu.cpp"]
+)
 def test_cpu_kernels_compile_for_any_x86_target(source, tmp_path):
     """setup.py's prebuilt extension has no -march=native: the AVX-512 and AVX2 kernels must still
     compile (by function attribute, chosen at run time) for a plain x86-64 target."""

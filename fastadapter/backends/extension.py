@@ -25,7 +25,7 @@ logger = logging.getLogger("fastadapter")
 
 CPU_SOURCES = (
     "binding.cpp", "adapter_cpu.cpp", "adapter_layernorm_cpu.cpp", "cpu_activation.cpp", "cpu_residual_gemm.cpp",
-    "mixed_adapter_cpu.cpp",
+    "cpu_weight_grad.cpp", "mixed_adapter_cpu.cpp",
 )  # fmt: skip
 CUDA_SOURCES = ("adapter_cuda.cu", "adapter_cuda_binding.cpp")
 

@@ -1,0 +1,39 @@
+// The weight-gradient product of an adapter's backward, fp32, on CPUs with AVX2 and FMA:
+//
+//   out = s * A^T B     (m x d),  or its transpose (d x m)
+//
+// a reduction over the N rows of A [N, m] (m = r: dz or a = act(z)) and B [N, d] (x or
+// dy). dW_down = dz^T x is the first form; dW_up = s * dy^T a = (s * a^T dy)^T the second.
+// On a Zen 3 MKL runs these at 60-75% of its peak and 5-15% slower than this kernel,
+// which packs both operands per block of rows and sums in registers.
+#pragma once
+
+#include <cstdint>
+
+namespace fastadapter {
+
+struct WeightGrad {
+  int64_t n, m, d;
+  const float* a;  // [n, m], row stride lda, unit column stride
+  int64_t lda;
+  const float* b;  // [n, d], row stride ldb, unit column stride
+  int64_t ldb;
+  float s;
+  float* out;       // contiguous: [m, d], or [d, m] where transposed
+  bool transposed;
+  // Row maps (null: the identity): row p of the reduction reads row a_rows[p] of A and
+  // b_rows[p] of B.
+  const int64_t* a_rows = nullptr;
+  const int64_t* b_rows = nullptr;
+};
+
+// Computes out and returns true; returns false without touching out where the AVX2 kernels
+// are off or absent, where the AVX-512 kernels run (MKL's AVX-512 GEMM is then the
+// faster), or where m or d is below kResidualGemmMin (cpu_residual_gemm.h); the caller
+// then uses ATen.
+//
+// Each output is one sum over N in a fixed order (running sums over blocks of kKc rows,
+// then the blocks in order), whatever the number of threads: threads split the columns.
+bool weight_grad(const WeightGrad& g);
+
+}  // namespace fastadapter
