@@ -39,6 +39,42 @@ FA_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The row sums below run four accumulators of 8 lanes (32 floats per step), not one: a
+// single chain of adds or FMAs waits their latency on every vector of the row.
+
+// sum of x[0, full), full a multiple of 8
+FA_AVX2 inline float row_sum(const float* x, int64_t full) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + j));
+    s1 = _mm256_add_ps(s1, _mm256_loadu_ps(x + j + 8));
+    s2 = _mm256_add_ps(s2, _mm256_loadu_ps(x + j + 16));
+    s3 = _mm256_add_ps(s3, _mm256_loadu_ps(x + j + 24));
+  }
+  for (; j < full; j += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + j));
+  return hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}
+
+// sum of (x - mu)^2 over [0, full)
+FA_AVX2 inline float row_sq(const float* x, int64_t full, __m256 vmu) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    const __m256 t0 = _mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), t1 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vmu);
+    const __m256 t2 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 16), vmu), t3 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 24), vmu);
+    s0 = _mm256_fmadd_ps(t0, t0, s0);
+    s1 = _mm256_fmadd_ps(t1, t1, s1);
+    s2 = _mm256_fmadd_ps(t2, t2, s2);
+    s3 = _mm256_fmadd_ps(t3, t3, s3);
+  }
+  for (; j < full; j += 8) {
+    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + j), vmu);
+    s0 = _mm256_fmadd_ps(t, t, s0);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}
+
 // The LayerNorm of rows of v: the kernel's row hook.
 struct LnRows {
   const float* v;
@@ -58,30 +94,40 @@ FA_AVX2 void ln_rows(void* ctx, int64_t row0, int64_t row1) {
   for (int64_t i = row0; i < row1; ++i) {
     const float* x = c.v + i * c.ldv;
     float* o = c.out + i * d;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < full; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + j));
-    float sum = hsum(acc);
+    float sum = row_sum(x, full);
     for (int64_t j = full; j < d; ++j) sum += x[j];
     const float mu = sum / static_cast<float>(d);
     const __m256 vmu = _mm256_set1_ps(mu);
-    __m256 sq = _mm256_setzero_ps();
-    for (int64_t j = 0; j < full; j += 8) {
-      const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + j), vmu);
-      sq = _mm256_fmadd_ps(t, t, sq);
-    }
-    float var = hsum(sq);
+    float var = row_sq(x, full, vmu);
     for (int64_t j = full; j < d; ++j) var += (x[j] - mu) * (x[j] - mu);
     const float rs = 1.0f / std::sqrt(var / static_cast<float>(d) + c.eps);
-    const __m256 vrs = _mm256_set1_ps(rs), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    for (int64_t j = 0; j < full; j += 8) {
-      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
-      const __m256 w = c.w ? _mm256_loadu_ps(c.w + j) : one, b = c.b ? _mm256_loadu_ps(c.b + j) : zero;
-      _mm256_storeu_ps(o + j, _mm256_fmadd_ps(xh, w, b));
+    const __m256 vrs = _mm256_set1_ps(rs);
+    if (c.w && c.b) {
+      for (int64_t j = 0; j < full; j += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(xh, _mm256_loadu_ps(c.w + j), _mm256_loadu_ps(c.b + j)));
+      }
+    } else {
+      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+      for (int64_t j = 0; j < full; j += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
+        const __m256 w = c.w ? _mm256_loadu_ps(c.w + j) : one, b = c.b ? _mm256_loadu_ps(c.b + j) : zero;
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(xh, w, b));
+      }
     }
     for (int64_t j = full; j < d; ++j) o[j] = (x[j] - mu) * rs * (c.w ? c.w[j] : 1.0f) + (c.b ? c.b[j] : 0.0f);
     c.mean[i] = mu;
     c.rstd[i] = rs;
   }
+}
+
+// sg += g * w and sgx += g * w * x̂ for 8 columns (w null: 1)
+FA_AVX2 inline void ln_backward_sums(const float* g, const float* w, const float* x, __m256 vmu, __m256 vrs, __m256& sg,
+                                     __m256& sgx) {
+  const __m256 gw = w ? _mm256_mul_ps(_mm256_loadu_ps(g), _mm256_loadu_ps(w)) : _mm256_loadu_ps(g);
+  const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x), vmu), vrs);
+  sg = _mm256_add_ps(sg, gw);
+  sgx = _mm256_fmadd_ps(gw, xh, sgx);
 }
 
 FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float* dout, int64_t ldg, const float* v,
@@ -93,14 +139,15 @@ FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float
     float* o = dv + i * d;
     const float mu = mean[i], rs = rstd[i];
     const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
-    __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
-    for (int64_t j = 0; j < full; j += 8) {  // sums of g = dout * w and of g * x̂
-      const __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(g + j), w ? _mm256_loadu_ps(w + j) : one);
-      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
-      sg = _mm256_add_ps(sg, gw);
-      sgx = _mm256_fmadd_ps(gw, xh, sgx);
+    // sums of g = dout * w and of g * x̂, two accumulators each (see row_sum)
+    __m256 sg0 = _mm256_setzero_ps(), sg1 = sg0, sgx0 = sg0, sgx1 = sg0;
+    int64_t j = 0;
+    for (; j + 16 <= full; j += 16) {
+      ln_backward_sums(g + j, w ? w + j : nullptr, x + j, vmu, vrs, sg0, sgx0);
+      ln_backward_sums(g + j + 8, w ? w + j + 8 : nullptr, x + j + 8, vmu, vrs, sg1, sgx1);
     }
-    float a = hsum(sg), b = hsum(sgx);
+    if (j < full) ln_backward_sums(g + j, w ? w + j : nullptr, x + j, vmu, vrs, sg0, sgx0);
+    float a = hsum(_mm256_add_ps(sg0, sg1)), b = hsum(_mm256_add_ps(sgx0, sgx1));
     for (int64_t j = full; j < d; ++j) {
       const float gw = g[j] * (w ? w[j] : 1.0f);
       a += gw;
