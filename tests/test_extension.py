@@ -124,6 +124,29 @@ def test_broken_toolchain_falls_back_cleanly(tmp_path):
     assert out["explicit"] and "backend 'cpp' (from backend) cannot run on cpu" in out["explicit"]
 
 
+def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
+    """A build killed mid-way leaves torch's `lock` file in the build directory; the next
+    load must not wait on it forever. (A broken compiler keeps the build short: the load
+    reaches it and fails with its reason.)"""
+    script = textwrap.dedent(
+        """
+        import json
+        from fastadapter.backends import extension
+        d = extension.build_dir("fastadapter_C_cuda" if extension.want_cuda() else "fastadapter_C")
+        (d / "lock").write_text("")
+        module, reason = extension.load()
+        print(json.dumps({"reason": reason, "lock": (d / "lock").exists()}))
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), FASTADAPTER_EXT_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["reason"] and "could not be built" in out["reason"]
+    assert not out["lock"]
+    assert "left by an interrupted build" in proc.stderr
+
+
 def test_concurrent_builds_share_one_cache(tmp_path):
     """Two processes building into one empty cache directory at once both get a working module."""
     script = textwrap.dedent(

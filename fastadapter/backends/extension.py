@@ -1,14 +1,18 @@
 """Building and loading the C++/CUDA extension of ``csrc/``.
 
 Compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a cache
-directory per torch version, Python version and CUDA-ness; torch's build lock makes
-concurrent builds by several processes safe. A prebuilt ``fastadapter._C`` (setup.py
+directory per torch version, Python version and CUDA-ness. Builds into one directory take
+turns under an advisory file lock (flock), which the system releases when its process
+dies: torch's own build lock is a plain file that a killed build leaves behind, and every
+later build would wait on it forever, so one found while holding the flock is stale and
+removed. A prebuilt ``fastadapter._C`` (setup.py
 with FASTADAPTER_BUILD_EXT=1) is used when present. Machines without CUDA build only
 the CPU part. Any failure is kept as a reason string, never raised at import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -79,6 +83,27 @@ def build_dir(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def build_turn(path: Path):
+    """Holds the build directory's flock for the block (a no-op where there is no fcntl),
+    and removes the `lock` file torch's build left behind if its process was killed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's lock file alone
+        yield
+        return
+    with open(path / "fastadapter.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = path / "lock"
+            if stale.exists():  # no build of ours runs (we hold the flock): a killed one left it
+                logger.warning("fastadapter: removing %s, left by an interrupted build", stale)
+                stale.unlink()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load() -> tuple[Optional[object], Optional[str]]:
     """(module, None) when the extension is usable, else (None, the reason)."""
@@ -99,17 +124,19 @@ def load() -> tuple[Optional[object], Optional[str]]:
         # built on the machine that runs it: -march=native lets the epilogue loops use its vector width
         flags = ["-O3", "-march=native", *openmp_flags()] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
         logger.info("fastadapter: building the C++ extension %s (first use only)", name)
-        module = jit_load(
-            name=name,
-            sources=sources,
-            extra_cflags=flags,
-            extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
-            extra_ldflags=openmp_flags(),
-            extra_include_paths=[str(src)],
-            build_directory=str(build_dir(name)),
-            with_cuda=cuda,
-            verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
-        )
+        directory = build_dir(name)
+        with build_turn(directory):
+            module = jit_load(
+                name=name,
+                sources=sources,
+                extra_cflags=flags,
+                extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
+                extra_ldflags=openmp_flags(),
+                extra_include_paths=[str(src)],
+                build_directory=str(directory),
+                with_cuda=cuda,
+                verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
+            )
         return module, None
     except Exception as exc:  # a missing compiler, a failed build, a torch/CUDA mismatch
         return None, f"the C++ extension could not be built or loaded: {_summary(exc)}"
