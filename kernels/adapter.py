@@ -543,6 +543,28 @@ def adapter_forward(x, w_down, b_down, w_up, b_up, residual, activation, scaling
     return y, z
 
 
+def run_backward_launches(launch, rows, rows_dx, one_pass, needs, dz_buffer):
+    """The backward's launch plan, shared by the adapter and mixed-adapter ops: where the
+    bottleneck fits one chunk (``one_pass``) one launch with dz in registers; else phase 1
+    (bias and dW_up sums, storing dz into ``dz_buffer()``), then dx and dW_down from the
+    stored dz, each its own launch. ``launch(rows, phase1, phase2, dzs, flags)`` launches
+    the op's kernel with its rows per program (unit), the phases, the dz buffer (None: not
+    used) and all six NEED_*/STORE_DZ flags; ``rows_dx`` is the unit of the dx launch."""
+    need_dx, need_dwd, need_dbd, need_dwu, need_dbu = needs
+    flags = dict(NEED_DX=False, NEED_DWD=False, NEED_DBD=False, NEED_DWU=False, NEED_DBU=False, STORE_DZ=False)
+    if one_pass:
+        launch(rows, True, True, None, dict(flags, NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd,
+                                            NEED_DWU=need_dwu, NEED_DBU=need_dbu))  # fmt: skip
+        return
+    dzs = dz_buffer() if need_dx or need_dwd else None
+    launch(rows, True, False, dzs, dict(flags, NEED_DBD=need_dbd, NEED_DWU=need_dwu, NEED_DBU=need_dbu,
+                                        STORE_DZ=need_dx or need_dwd))  # fmt: skip
+    if need_dx:
+        launch(rows_dx, False, True, dzs, dict(flags, NEED_DX=True))
+    if need_dwd:
+        launch(rows, False, True, dzs, dict(flags, NEED_DWD=True))
+
+
 def adapter_backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x, needs, programs_max=None):
     """Fused backward from dy, x and z; returns (dx, dw_down, db_down, dw_up, db_up), None where not needed.
 
@@ -573,11 +595,9 @@ def adapter_backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, 
     dbu_p = torch.empty((programs, d), dtype=f32, device=dev) if need_dbu else z
     dbd_p = torch.empty((programs, r), dtype=f32, device=dev) if need_dbd else z
 
-    def launch(grid_rows, phase1, phase2, dzs, **needs):
-        flags = dict(NEED_DX=False, NEED_DWD=False, NEED_DBD=False, NEED_DWU=False, NEED_DBU=False, STORE_DZ=False)
-        flags.update(needs)
+    def launch(grid_rows, phase1, phase2, dzs, flags):
         _bwd[(triton.cdiv(n, grid_rows),)](
-            dy, x, z, w_down, w_up, dx, dzs, dwu_p, dwd_p, dbu_p, dbd_p,
+            dy, x, z, w_down, w_up, dx, z if dzs is None else dzs, dwu_p, dwd_p, dbu_p, dbd_p,
             n, d, r, grid_rows, float(scaling),
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
@@ -585,16 +605,10 @@ def adapter_backward(dy, x, z, w_down, b_down, w_up, b_up, activation, scaling, 
             PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), BLOCK_R=br, R_CHUNK=rc,
         )  # fmt: skip
 
-    if br == rc:  # one launch, dz in registers
-        launch(rows, True, True, z, NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd, NEED_DWU=need_dwu, NEED_DBU=need_dbu)
-    else:  # phase 1; then dx and dW_down, each its own launch, from the stored dz
-        dzs = torch.empty((n, br), dtype=x.dtype, device=dev) if need_dx or need_dwd else z
-        if need_dwu or need_dbu or need_dbd or need_dx or need_dwd:
-            launch(rows, True, False, dzs, NEED_DBD=need_dbd, NEED_DWU=need_dwu, NEED_DBU=need_dbu, STORE_DZ=need_dx or need_dwd)
-        if need_dx:
-            launch(rows_per_program(n, r, False, programs_max), False, True, dzs, NEED_DX=True)
-        if need_dwd:
-            launch(rows, False, True, dzs, NEED_DWD=True)
+    run_backward_launches(
+        launch, rows, rows_per_program(n, r, False, programs_max), br == rc,
+        (need_dx, need_dwd, need_dbd, need_dwu, need_dbu), lambda: torch.empty((n, br), dtype=x.dtype, device=dev),
+    )  # fmt: skip
     # the programs' partials added in a fixed order: deterministic
     return (
         dx if need_dx else None,

@@ -45,6 +45,7 @@ from .adapter import (
     block_r,
     r_chunk,
     rows_per_program,
+    run_backward_launches,
 )
 
 MAX_ADAPTERS = 4096  # the segment search holds one [A + 1] vector in registers
@@ -298,27 +299,21 @@ def mixed_backward(dy, x, index, z, w_down, b_down, w_up, b_up, activation, scal
     dbu_p = torch.empty((slots, d), dtype=f32, device=dev) if need_dbu else z
     dbd_p = torch.empty((slots, r), dtype=f32, device=dev) if need_dbd else z
 
-    def launch(unit, phase1, phase2, dzs, **flags):
-        wanted = dict(NEED_DX=False, NEED_DWD=False, NEED_DBD=False, NEED_DWU=False, NEED_DBU=False, STORE_DZ=False)
-        wanted.update(flags)
+    def launch(unit, phase1, phase2, dzs, flags):
         _bwd[(programs(unit),)](
-            dy, x, perm, bounds, z, w_down, w_up, dx, dzs, dwu_p, dwd_p, dbu_p, dbd_p,
+            dy, x, perm, bounds, z, w_down, w_up, dx, z if dzs is None else dzs, dwu_p, dwd_p, dbu_p, dbd_p,
             segments, d, r, unit, float(scaling),
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), *w_down.stride(), *w_up.stride(),
-            ACT=ACT_IDS[activation], RES_X=bool(residual_is_x), PHASE1=phase1, PHASE2=phase2, **wanted,
+            ACT=ACT_IDS[activation], RES_X=bool(residual_is_x), PHASE1=phase1, PHASE2=phase2, **flags,
             PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), OFFSET64=offset64,
             BLOCK_S=triton.next_power_of_2(segments), BLOCK_R=br, R_CHUNK=rc,
         )  # fmt: skip
 
-    if br == rc:  # one launch, dz in registers
-        launch(rows, True, True, z, NEED_DX=need_dx, NEED_DWD=need_dwd, NEED_DBD=need_dbd, NEED_DWU=need_dwu, NEED_DBU=need_dbu)
-    else:  # phase 1 (storing dz in sorted order), then dx and dW_down from it, as the adapter op does
-        dzs = torch.empty((n, br), dtype=x.dtype, device=dev) if need_dx or need_dwd else z
-        launch(rows, True, False, dzs, NEED_DBD=need_dbd, NEED_DWU=need_dwu, NEED_DBU=need_dbu, STORE_DZ=need_dx or need_dwd)
-        if need_dx:
-            launch(rows_per_program(n, r, False, programs_max), False, True, dzs, NEED_DX=True)
-        if need_dwd:
-            launch(rows, False, True, dzs, NEED_DWD=True)
+    # the adapter op's launch plan; a stored dz is in sorted order
+    run_backward_launches(
+        launch, rows, rows_per_program(n, r, False, programs_max), br == rc,
+        (need_dx, need_dwd, need_dbd, need_dwu, need_dbu), lambda: torch.empty((n, br), dtype=x.dtype, device=dev),
+    )  # fmt: skip
     return (
         dx if need_dx else None,
         _segment_sum(dwd_p, bounds, adapters, rows) if need_dwd else None,
