@@ -141,6 +141,15 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
                                              const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
                                              int64_t activation, double scaling, bool residual_is_x,
                                              std::vector<bool> needs) {
+  return adapter_backward_from_da_cpu(at::Tensor(), dy, x, z, w_down, b_down, w_up, b_up, activation, scaling,
+                                      residual_is_x, std::move(needs));
+}
+
+std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Tensor& dy, const at::Tensor& x,
+                                                     const at::Tensor& z, const at::Tensor& w_down,
+                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                     double scaling, bool residual_is_x, std::vector<bool> needs) {
   TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
   const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
   const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
@@ -153,8 +162,10 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
   const at::Tensor g = dy.to(acc);
 
   at::Tensor dx, dwd, dbd, dwu, dbu;
-  at::Tensor da;  // [N, r] = dy @ W_up
-  if (need_dz) {
+  // da [N, r] = dy @ W_up, unless the caller formed it
+  TORCH_INTERNAL_ASSERT(!da.defined() || (da.scalar_type() == at::kFloat && acc == at::kFloat && da.is_contiguous()));
+  if (!need_dz) da = at::Tensor();
+  if (need_dz && !da.defined()) {
     const at::Tensor wu = operand(w_up, dt, acc);
     da = at::empty({n, r}, fopt);
     if (!residual_gemm_out(da, g, wu, at::Tensor(), at::Tensor(), 1.0)) at::mm_out(da, g, wu);

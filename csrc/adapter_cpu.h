@@ -26,6 +26,15 @@ std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Ten
                                              int64_t activation, double scaling, bool residual_is_x,
                                              std::vector<bool> needs);
 
+// The same from da = dy @ W_up already formed (fp32 [N, r], contiguous; it becomes dz in
+// place), for a caller that forms it in a pass of its own (the site op's backward,
+// adapter_layernorm_cpu.cpp, forms dy there too). dy and x are fp32.
+std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Tensor& dy, const at::Tensor& x,
+                                                     const at::Tensor& z, const at::Tensor& w_down,
+                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                     double scaling, bool residual_is_x, std::vector<bool> needs);
+
 // Operands for the kernels of cpu_residual_gemm.h, shared by the cpp ops: t itself where
 // its columns are unit-strided, else a contiguous copy; an optional tensor as contiguous fp32.
 inline at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }

@@ -5,9 +5,12 @@
 //             of v is final, still in L1, its LayerNorm: the row statistics and out.
 //             One read of h and r besides the down-projection's read of u; v and out
 //             written once each.
-//   backward: dv in one pass over dout and v (LayerNorm frozen; a trainable one takes
-//             ATen's backward, which also forms its weight and bias gradients); the
-//             adapter's own backward follows in the caller.
+//   backward: where the LayerNorm is frozen, dv formed 24 rows at a time in the prologue
+//             of the da = dv W_up product (the kernel's tiles), which reads them from
+//             cache, then the adapter backward from that da; or dv in one pass over dout
+//             and v (layernorm_backward_input_cpu) for the caller's adapter backward. A
+//             trainable LayerNorm takes ATen's backward, which also forms its weight and
+//             bias gradients.
 
 #include "adapter_layernorm_cpu.h"
 
@@ -168,6 +171,24 @@ FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float
   }
 }
 
+// The LayerNorm backward of rows of dout: the da product's row prologue.
+struct LnBackRows {
+  const float* dout;
+  int64_t ldg;
+  const float* v;
+  int64_t ldv;
+  const float* mean;
+  const float* rstd;
+  const float* w;  // null: 1
+  int64_t d;
+  float* dv;
+};
+
+void ln_backward_hook(void* ctx, int64_t row0, int64_t row1) {
+  const LnBackRows& c = *static_cast<const LnBackRows*>(ctx);
+  ln_backward_rows(row0, row1, c.d, c.dout, c.ldg, c.v, c.ldv, c.mean, c.rstd, c.w, c.dv);
+}
+
 #endif  // FASTADAPTER_HAVE_AVX2_ROWS
 
 bool runs_here(const at::Tensor& h, int64_t r) {
@@ -225,6 +246,45 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   up.ctx = &ln;
   TORCH_INTERNAL_ASSERT(residual_gemm(up));
   return {out, z, v, mean, rstd, mean_t, rstd_t};
+#else
+  return {};
+#endif
+}
+
+std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in, const at::Tensor& u_in,
+                                                       const at::Tensor& z, const at::Tensor& v_in,
+                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                       const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
+                                                       const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
+                                                       const c10::optional<at::Tensor>& ln_weight, int64_t activation,
+                                                       double scaling, bool residual_is_x, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
+  TORCH_CHECK(dout_in.dim() == 2 && v_in.sizes() == dout_in.sizes() && u_in.sizes() == dout_in.sizes(),
+              "fastadapter cpp: dout, u and v must be [N, d]");
+  const bool need_dz = needs[0] || needs[1] || (needs[2] && b_down.has_value());
+  const int64_t n = dout_in.size(0), d = dout_in.size(1), rk = w_down.size(0);
+  if (!need_dz || !runs_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
+    return {};
+#if FASTADAPTER_HAVE_AVX2_ROWS
+  const at::Tensor dout = unit_columns(dout_in), v = unit_columns(v_in);
+  const at::Tensor mu = mean.to(at::kFloat).contiguous(), rs = rstd.to(at::kFloat).contiguous();
+  const at::Tensor wu = w_up.to(at::kFloat).contiguous();
+  const auto lw = fp32(ln_weight);
+  at::Tensor dv = at::empty({n, d}, dout.options()), da = at::empty({n, rk}, dout.options());
+  if (n > 0) {
+    // da = dv W_u, each tile's rows of dv formed first by the prologue
+    LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
+                  rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>()};
+    ResidualGemm gemm{n, rk, d, dv.data_ptr<float>(), d, wu.data_ptr<float>(), rk, 1, nullptr, 0, nullptr, 1.0f,
+                      da.data_ptr<float>(), rk};
+    gemm.rows_ready = ln_backward_hook;
+    gemm.ready_ctx = &ln;
+    TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
+  }
+  std::vector<at::Tensor> grads = adapter_backward_from_da_cpu(da, dv, unit_columns(u_in), z, w_down, b_down, w_up, b_up,
+                                                               activation, scaling, residual_is_x, std::move(needs));
+  grads.insert(grads.begin(), dv);
+  return grads;
 #else
   return {};
 #endif

@@ -27,4 +27,19 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h, const
 at::Tensor layernorm_backward_input_cpu(const at::Tensor& dout, const at::Tensor& v, const at::Tensor& mean,
                                         const at::Tensor& rstd, const c10::optional<at::Tensor>& ln_weight);
 
+// The site's backward where the LayerNorm is frozen, from dout to the adapter's grads:
+// dv (as layernorm_backward_input_cpu) formed tile by tile in the prologue of the
+// da = dv W_up product, which reads those rows from cache while the next tile's dout and
+// v stream in; then the adapter backward from that da (adapter_cpu.h) with dy = dv and x = u.
+// Returns {dv, du, dw_down, db_down, dw_up, db_up} (undefined where not needed), or an
+// empty list where it does not run (not fp32, no AVX2 kernel, r or d below 8, or no
+// gradient that needs da), and the caller forms dv and calls the adapter backward.
+std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& z,
+                                                       const at::Tensor& v, const at::Tensor& mean,
+                                                       const at::Tensor& rstd, const at::Tensor& w_down,
+                                                       const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                       const c10::optional<at::Tensor>& b_up,
+                                                       const c10::optional<at::Tensor>& ln_weight, int64_t activation,
+                                                       double scaling, bool residual_is_x, std::vector<bool> needs);
+
 }  // namespace fastadapter

@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_backward_cpu", &fastadapter::adapter_backward_cpu);
   m.def("adapter_layernorm_forward_cpu", &fastadapter::adapter_layernorm_forward_cpu);
   m.def("layernorm_backward_input_cpu", &fastadapter::layernorm_backward_input_cpu);
+  m.def("adapter_layernorm_backward_cpu", &fastadapter::adapter_layernorm_backward_cpu);
   m.def("mixed_adapter_forward_cpu", &fastadapter::mixed_adapter_forward_cpu);
   m.def("mixed_adapter_backward_cpu", &fastadapter::mixed_adapter_backward_cpu);
   m.def("avx512_kernels", []() {

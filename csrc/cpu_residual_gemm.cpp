@@ -13,7 +13,7 @@
 // AVX2 (with FMA): the same scheme at half the vector width, 6 x 16 micro-tiles (12 ymm
 // accumulators, 2 loads of B and 6 broadcasts of A per step of p), B packed in column
 // blocks of 16. It also runs the products whose rows are gathered or scattered through
-// row maps (the mixed-adapter op). For k <= kKc a micro-row of 6 rows sweeps all of d
+// row maps (the mixed-adapter op), and those with a row hook or prologue (the site op). For k <= kKc a micro-row of 6 rows sweeps all of d
 // before the next one, so that R and out stream along 6 rows at a time (B's blocks come
 // from L2); the 24-row order of the AVX-512 kernel ran about 30% slower here on a Zen 3.
 //
@@ -314,6 +314,7 @@ void micro(int64_t mr, int64_t cols, const Rows& m, const float* B, int64_t k, c
 inline int64_t row(const int64_t* map, int64_t i) { return map ? map[i] : i; }
 
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
+  if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
   const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
   const float* r_row[kTileRows];
   const float* r2_row[kTileRows];
@@ -396,8 +397,8 @@ bool residual_gemm_available(bool row_maps) {
 }
 
 bool residual_gemm(const ResidualGemm& g) {
-  // row maps, a second residual and the row hook are the AVX2 kernel's alone
-  const bool row_maps = g.a_rows || g.r_rows || g.out_rows || g.r2 || g.rows_done;
+  // row maps, a second residual and the row hook and prologue are the AVX2 kernel's alone
+  const bool row_maps = g.a_rows || g.r_rows || g.out_rows || g.r2 || g.rows_done || g.rows_ready;
   if (g.k < kResidualGemmMin || g.d < kResidualGemmMin || !residual_gemm_available(row_maps)) return false;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;

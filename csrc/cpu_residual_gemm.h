@@ -43,6 +43,11 @@ struct ResidualGemm {
   // soon as their rows of out are final, while they are still in cache: a row epilogue.
   void (*rows_done)(void* ctx, int64_t row0, int64_t row1) = nullptr;
   void* ctx = nullptr;
+  // Called (from the worker threads, each range once) with product rows [row0, row1)
+  // before the kernel reads those rows of A: a row prologue that may write them (the
+  // site op forms rows of dv there, which the product then reads from cache).
+  void (*rows_ready)(void* ctx, int64_t row0, int64_t row1) = nullptr;
+  void* ready_ctx = nullptr;
 };
 
 // True when this CPU has AVX-512 and the cpp backend's AVX-512 kernels (this one and
@@ -58,7 +63,7 @@ bool set_avx512_kernels_enabled(bool enabled);
 bool set_avx2_kernels_enabled(bool enabled);
 
 // Whether residual_gemm runs here, for a product with row maps (or a second residual, or
-// a row hook) or without. Products without run on AVX-512 where it is on, else on AVX2;
+// a row hook or prologue) or without. Products without run on AVX-512 where it is on, else on AVX2;
 // with them on AVX2.
 bool residual_gemm_available(bool row_maps);
 

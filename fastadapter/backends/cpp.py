@@ -137,10 +137,13 @@ def _widened(t, dtype):
 
 def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias,
                        placement, eps, activation, scaling, needs):  # fmt: skip
-    """The LayerNorm backward on the kept v (one pass of csrc/adapter_layernorm_cpu.cpp for
-    fp32 where its weight and bias are frozen, else ATen's), then the cpp adapter backward
-    with dy = dv: for houlsby and parallel with dv as its residual (dx = dv + du in one
-    GEMM epilogue), for pfeiffer followed by the LayerNorm backward of t."""
+    """For fp32 with the AVX2 kernel and the LayerNorm frozen, one C++ call
+    (csrc/adapter_layernorm_cpu.cpp): dv formed tile by tile in the prologue of the
+    da = dv W_up product, then the adapter backward from that da. Elsewhere the LayerNorm
+    backward on the kept v (one pass of the same file where frozen, else ATen's), then the
+    cpp adapter backward with dy = dv. For houlsby and parallel dv is the adapter's residual
+    (dx = dv + du in one GEMM epilogue); pfeiffer's du then goes through the LayerNorm
+    backward of t."""
     from .reference import accumulation_dtype, site_backward_with
 
     args = (dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, eps,
@@ -152,26 +155,37 @@ def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_d
     n, d = dout.shape
     lw, lb = _widened(ln_weight, acc), _widened(ln_bias, acc)
     mask = [True, bool(need_dlw) and lw is not None, bool(need_dlb) and lb is not None]
+    frozen = not mask[1] and not mask[2]
     g = dout.to(acc)
-    dv = dlw = dlb = None
-    if not mask[1] and not mask[2]:
-        dv = _module().layernorm_backward_input_cpu(g, v, mean, rstd, lw)  # None where it does not run here
-    if dv is None:
-        dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(g, v, [d], mean.view(n, 1), rstd.view(n, 1), lw, lb, mask)
-    backward = _backward("cpu")
+    # the adapter's input u and whether its gradient is needed
     if placement != "pfeiffer":
-        # houlsby: dh = dv + du (the adapter's residual), dr = dv; parallel the other way round
         u = h if placement == "houlsby" else r
-        need_dx = need_dh if placement == "houlsby" else need_dr
-        dx, dwd, dbd, dwu, dbu = backward(dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, True,
-                                          (need_dx, need_dwd, need_dbd, need_dwu, need_dbu))  # fmt: skip
-        dh, dr = (dx, dv) if placement == "houlsby" else (dv, dx)
+        need_du = need_dh if placement == "houlsby" else need_dr
     else:
         t = h.to(acc) + r.to(acc)
         u = torch.native_layer_norm(t, (d,), lw, lb, eps)[0].to(dtype)  # recomputed: the forward's u bit for bit
         need_du = need_dh or need_dr or need_dlw or need_dlb
-        du, dwd, dbd, dwu, dbu = backward(dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, False,
-                                          (need_du, need_dwd, need_dbd, need_dwu, need_dbu))  # fmt: skip
+    adapter_needs = [need_du, need_dwd, need_dbd, need_dwu, need_dbu]
+    residual_is_x = placement != "pfeiffer"  # houlsby, parallel: du = dv + the adapter's own
+    fused = None
+    if frozen:
+        fused = _module().adapter_layernorm_backward_cpu(
+            g, u, z, v, mean, rstd, w_down, b_down, w_up, b_up, lw, ACT_INDEX[activation], float(scaling),
+            residual_is_x, adapter_needs,
+        )  # fmt: skip
+    dlw = dlb = None
+    if fused:
+        dv, du, dwd, dbd, dwu, dbu = fused
+    else:
+        dv = _module().layernorm_backward_input_cpu(g, v, mean, rstd, lw) if frozen else None  # None: not here
+        if dv is None:
+            dv, dlw, dlb = torch.ops.aten.native_layer_norm_backward(g, v, [d], mean.view(n, 1), rstd.view(n, 1), lw, lb, mask)
+        du, dwd, dbd, dwu, dbu = _backward("cpu")(dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x,
+                                                  tuple(adapter_needs))  # fmt: skip
+    if placement != "pfeiffer":
+        # houlsby: dh = dv + du (the adapter's residual), dr = dv; parallel the other way round
+        dh, dr = (du, dv) if placement == "houlsby" else (dv, du)
+    else:
         dh = dr = None
         if need_du:
             dt, dlw1, dlb1 = torch.ops.aten.native_layer_norm_backward(
