@@ -35,8 +35,8 @@ namespace {
 
 #if FASTADAPTER_HAVE_AVX2_WGRAD
 
-constexpr int64_t kMR = 6;    // columns of A per panel (rows of the result per micro-tile)
-constexpr int64_t kNR = 16;   // columns of B per panel
+constexpr int64_t kMR = 6;   // columns of A per panel (rows of the result per micro-tile)
+constexpr int64_t kNR = 16;  // columns of B per panel
 constexpr int64_t kKc = 64;  // rows per block: 4 KiB per panel of B, 1.5 KiB per panel of A
 
 inline int64_t row(const int64_t* map, int64_t p) { return map ? map[p] : p; }
