@@ -10,9 +10,10 @@
 // and the activation passes run once over all grouped rows: the forward copies no row; the
 // backward gathers each adapter's rows of dy (for the db_up sum and dW_up), and the
 // weight-gradient kernel of cpu_weight_grad.h reads x's rows through the map (MKL, where
-// that kernel does not run, reads gathered rows of x). Elsewhere each adapter's rows are gathered (a parallel memcpy per row), run
-// through the adapter kernels of adapter_cpu.cpp and scattered back. A batch whose index
-// is already grouped (each adapter's rows contiguous, in order) runs on views either way.
+// that kernel does not run, reads gathered rows of x). Elsewhere each adapter's rows are
+// gathered (a parallel memcpy per row), run through the adapter kernels of adapter_cpu.cpp
+// and scattered back. A batch whose index is already grouped (each adapter's rows
+// contiguous, in order) runs on views either way.
 #include "mixed_adapter_cpu.h"
 
 #include <ATen/ATen.h>
