@@ -67,9 +67,8 @@ bool residual_gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   return residual_gemm(g);
 }
 
-// out = s * a^T b ([m, d]), or its transpose, by the kernel of cpu_weight_grad.h: false
-// where it cannot run here (float64, neither AVX2 nor m, d >= 8, AVX-512 on), and the
-// caller takes ATen's GEMM.
+}  // namespace
+
 bool weight_grad_out(at::Tensor& out, at::Tensor a, at::Tensor b, double s, bool transposed) {
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
   const int64_t n = a.size(0), m = a.size(1), d = b.size(1);
@@ -82,8 +81,6 @@ bool weight_grad_out(at::Tensor& out, at::Tensor a, at::Tensor b, double s, bool
   out = o;
   return true;
 }
-
-}  // namespace
 
 std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
                                             const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,

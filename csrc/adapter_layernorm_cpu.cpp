@@ -281,7 +281,7 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
     gemm.ready_ctx = &ln;
     TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
   }
-  std::vector<at::Tensor> grads = adapter_backward_from_da_cpu(da, dv, unit_columns(u_in), z, w_down, b_down, w_up, b_up,
+  std::vector<at::Tensor> grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up,
                                                                activation, scaling, residual_is_x, std::move(needs));
   grads.insert(grads.begin(), dv);
   return grads;

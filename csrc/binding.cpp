@@ -7,7 +7,6 @@
 #include "adapter_layernorm_cpu.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
-#include "cpu_weight_grad.h"
 #include "mixed_adapter_cpu.h"
 
 #ifdef FASTADAPTER_WITH_CUDA
@@ -38,12 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grad_cpu", [](const at::Tensor& a, const at::Tensor& b, double s, bool transposed) -> c10::optional<at::Tensor> {
     TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "weight_grad_cpu: a [N, m] and b [N, d]");
     TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "weight_grad_cpu: fp32 operands");
-    const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous(), bc = b.stride(1) == 1 ? b : b.contiguous();
-    const int64_t m = a.size(1), d = b.size(1);
-    at::Tensor out = at::empty(transposed ? at::IntArrayRef{d, m} : at::IntArrayRef{m, d}, a.options());
-    fastadapter::WeightGrad g{a.size(0), m, d, ac.data_ptr<float>(), ac.stride(0), bc.data_ptr<float>(), bc.stride(0),
-                              static_cast<float>(s), out.data_ptr<float>(), transposed};
-    if (!fastadapter::weight_grad(g)) return c10::nullopt;
+    at::Tensor out;
+    if (!fastadapter::weight_grad_out(out, a, b, s, transposed)) return c10::nullopt;
     return out;
   }, "s * a^T b (or its transpose) by the AVX2 weight-gradient kernel; None where it does not run (a kernel test hook)");
   m.def("activation_names", []() {

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "adapter_cpu.h"
+#include "cpu_avx2.h"
 #include "cpu_residual_gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -209,9 +210,6 @@ FA_AVX2 inline ActDeriv8 act_and_deriv8(__m256 z, Activation act, bool want_valu
   return r;
 }
 
-FA_AVX2 inline __m256i lanes8(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 FA_AVX2 void forward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
                            Activation act) {

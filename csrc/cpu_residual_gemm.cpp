@@ -21,6 +21,7 @@
 // -march=native still has both and a CPU never runs instructions it lacks.
 
 #include "cpu_residual_gemm.h"
+#include "cpu_avx2.h"
 
 #include <ATen/Parallel.h>
 
@@ -232,10 +233,6 @@ FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2, __m256i m
   return r2 ? _mm256_add_ps(a, _mm256_maskload_ps(r2, mask)) : a;
 }
 
-// lanes [0, n) of 8 set, for the masked loads and stores of a block's last vector
-FA_AVX2_INLINE inline __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 // The full 6 x 16 micro-tile, the 12 accumulators named so that they stay in registers.
 FA_AVX2 void micro_6x16(const Rows& m, const float* B, int64_t k, const float* c, float s) {
@@ -281,7 +278,7 @@ FA_AVX2 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* B,
   }
   const __m256 vs = _mm256_set1_ps(s);
   for (int64_t v = 0; v < 2 && 8 * v < cols; ++v) {
-    const __m256i mask = lanes(cols - 8 * v);
+    const __m256i mask = lanes8(cols - 8 * v);
     const __m256 e = c ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < mr; ++i) {
       const __m256 rv = residual(m.r[i] ? m.r[i] + 8 * v : nullptr, m.r2[i] ? m.r2[i] + 8 * v : nullptr, mask);
@@ -295,7 +292,7 @@ FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const f
                            const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
   const __m256 vs = _mm256_set1_ps(s);
   for (int64_t v = 0; v < cols; v += 8) {
-    const __m256i mask = lanes(cols - v);
+    const __m256i mask = lanes8(cols - v);
     const __m256 e = c ? _mm256_maskload_ps(c + v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
       const __m256 rv = residual(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr, mask);
@@ -310,8 +307,6 @@ void micro(int64_t mr, int64_t cols, const Rows& m, const float* B, int64_t k, c
   else micro_edge(mr, cols, m, B, k, c, s);
 }
 
-// row i of an operand: through its row map where there is one
-inline int64_t row(const int64_t* map, int64_t i) { return map ? map[i] : i; }
 
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
   if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
@@ -320,10 +315,10 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
   const float* r2_row[kTileRows];
   float* o_row[kTileRows];
   for (int64_t i = row0; i < row1; ++i) {
-    a_row[i - row0] = g.a + row(g.a_rows, i) * g.lda;
-    r_row[i - row0] = g.r ? g.r + row(g.r_rows, i) * g.ldr : nullptr;
+    a_row[i - row0] = g.a + mapped_row(g.a_rows, i) * g.lda;
+    r_row[i - row0] = g.r ? g.r + mapped_row(g.r_rows, i) * g.ldr : nullptr;
     r2_row[i - row0] = g.r2 ? g.r2 + i * g.ldr2 : nullptr;
-    o_row[i - row0] = g.out + row(g.out_rows, i) * g.ldo;
+    o_row[i - row0] = g.out + mapped_row(g.out_rows, i) * g.ldo;
   }
   Rows m;
   if (g.k <= kKc) {

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_avx2.h"
 #include "cpu_residual_gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -39,12 +40,6 @@ constexpr int64_t kMR = 6;   // columns of A per panel (rows of the result per m
 constexpr int64_t kNR = 16;  // columns of B per panel
 constexpr int64_t kKc = 64;  // rows per block: 4 KiB per panel of B, 1.5 KiB per panel of A
 
-inline int64_t row(const int64_t* map, int64_t p) { return map ? map[p] : p; }
-
-// lanes [0, n) of 8 set
-FA_AVX2 inline __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 // C[6][16] += sum over the kb rows of Ap[p][i] * Bp[p][j]. With next (not null), the loop
 // also copies 16 floats of each of the next block's first kn <= kb rows of B, next[p] + j,
@@ -97,11 +92,11 @@ FA_AVX2 void pack_a(const WeightGrad& g, int64_t n0, int64_t kb, int64_t panels,
     float* dst = Ap + q * kKc * kMR;
     if (cols == 8) {
       for (int64_t p = 0; p < kb; ++p)
-        _mm256_storeu_ps(dst + p * kMR, _mm256_loadu_ps(g.a + row(g.a_rows, n0 + p) * g.lda + q * kMR));
+        _mm256_storeu_ps(dst + p * kMR, _mm256_loadu_ps(g.a + mapped_row(g.a_rows, n0 + p) * g.lda + q * kMR));
     } else {
-      const __m256i mask = lanes(std::min(kMR, cols));
+      const __m256i mask = lanes8(std::min(kMR, cols));
       for (int64_t p = 0; p < kb; ++p)
-        _mm256_storeu_ps(dst + p * kMR, _mm256_maskload_ps(g.a + row(g.a_rows, n0 + p) * g.lda + q * kMR, mask));
+        _mm256_storeu_ps(dst + p * kMR, _mm256_maskload_ps(g.a + mapped_row(g.a_rows, n0 + p) * g.lda + q * kMR, mask));
     }
   }
 }
@@ -109,7 +104,7 @@ FA_AVX2 void pack_a(const WeightGrad& g, int64_t n0, int64_t kb, int64_t panels,
 // the panel of column block jb of rows[0, kb) of B (row pointers), columns past d zero
 FA_AVX2 void pack_b(const WeightGrad& g, const float* const* rows, int64_t kb, int64_t jb, float* panel) {
   const int64_t j = jb * kNR, cols = std::min(kNR, g.d - j);
-  const __m256i m0 = lanes(cols), m1 = lanes(cols - 8);
+  const __m256i m0 = lanes8(cols), m1 = lanes8(cols - 8);
   for (int64_t p = 0; p < kb; ++p) {
     _mm256_store_ps(panel + p * kNR, _mm256_maskload_ps(rows[p] + j, m0));
     _mm256_store_ps(panel + p * kNR + 8, _mm256_maskload_ps(rows[p] + j + 8, m1));
@@ -131,7 +126,7 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
   const float** cur = rows.data();
   const float** nxt = rows.data() + kKc;
   auto row_ptrs = [&](const float** ptrs, int64_t n0, int64_t kb) {
-    for (int64_t p = 0; p < kb; ++p) ptrs[p] = g.b + row(g.b_rows, n0 + p) * g.ldb;
+    for (int64_t p = 0; p < kb; ++p) ptrs[p] = g.b + mapped_row(g.b_rows, n0 + p) * g.ldb;
   };
   // block 0's panels of B first; every later block's are copied while the one before runs
   const int64_t kb0 = std::min(kKc, g.n);
@@ -147,7 +142,7 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
     for (int64_t jb = jb0; jb < jb1; ++jb) {
       const int64_t jl = jb - jb0;
       for (int64_t p = jl * kn / blocks; p < (jl + 1) * kn / blocks; ++p) {  // a share of A's next rows into cache
-        const char* src = reinterpret_cast<const char*>(g.a + row(g.a_rows, n0 + kb + p) * g.lda);
+        const char* src = reinterpret_cast<const char*>(g.a + mapped_row(g.a_rows, n0 + kb + p) * g.lda);
         for (int64_t off = 0; off < g.m * 4; off += 64) _mm_prefetch(src + off, _MM_HINT_T0);
       }
       const bool full = (jb + 1) * kNR <= g.d;
