@@ -7,7 +7,8 @@
 //             written once each.
 //   backward: where the LayerNorm is frozen, dv formed 24 rows at a time in the prologue
 //             of the da = dv W_up product (the kernel's tiles), which reads them from
-//             cache, then the adapter backward from that da; or dv in one pass over dout
+//             cache, and each tile's column sums of dv for db_up; then the adapter
+//             backward from that da; or dv in one pass over dout
 //             and v (layernorm_backward_input_cpu) for the caller's adapter backward. A
 //             trainable LayerNorm takes ATen's backward, which also forms its weight and
 //             bias gradients.
@@ -133,13 +134,17 @@ FA_AVX2 inline void ln_backward_sums(const float* g, const float* w, const float
   sgx = _mm256_fmadd_ps(gw, xh, sgx);
 }
 
+// dv for rows [row0, row1); with col_sums, each row of dv also added into the row of
+// col_sums [N / kResidualGemmTileRows rounded up, d] of its tile
 FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float* dout, int64_t ldg, const float* v,
-                              int64_t ldv, const float* mean, const float* rstd, const float* w, float* dv) {
+                              int64_t ldv, const float* mean, const float* rstd, const float* w, float* dv,
+                              float* col_sums) {
   const int64_t full = d - d % 8;
   const __m256 one = _mm256_set1_ps(1.0f);
   for (int64_t i = row0; i < row1; ++i) {
     const float *g = dout + i * ldg, *x = v + i * ldv;
     float* o = dv + i * d;
+    float* cs = col_sums ? col_sums + (i / kResidualGemmTileRows) * d : nullptr;
     const float mu = mean[i], rs = rstd[i];
     const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
     // sums of g = dout * w and of g * x̂, two accumulators each (see row_sum)
@@ -162,11 +167,14 @@ FA_AVX2 void ln_backward_rows(int64_t row0, int64_t row1, int64_t d, const float
     for (int64_t j = 0; j < full; j += 8) {
       const __m256 gw = _mm256_mul_ps(_mm256_loadu_ps(g + j), w ? _mm256_loadu_ps(w + j) : one);
       const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmu), vrs);
-      _mm256_storeu_ps(o + j, _mm256_mul_ps(vrs, _mm256_sub_ps(_mm256_sub_ps(gw, va), _mm256_mul_ps(xh, vb))));
+      const __m256 dvj = _mm256_mul_ps(vrs, _mm256_sub_ps(_mm256_sub_ps(gw, va), _mm256_mul_ps(xh, vb)));
+      _mm256_storeu_ps(o + j, dvj);
+      if (cs) _mm256_storeu_ps(cs + j, _mm256_add_ps(_mm256_loadu_ps(cs + j), dvj));
     }
     for (int64_t j = full; j < d; ++j) {
       const float gw = g[j] * (w ? w[j] : 1.0f);
       o[j] = rs * (gw - a - (x[j] - mu) * rs * b);
+      if (cs) cs[j] += o[j];
     }
   }
 }
@@ -182,11 +190,25 @@ struct LnBackRows {
   const float* w;  // null: 1
   int64_t d;
   float* dv;
+  float* col_sums;  // null: none; else per tile of the product, the sums of its rows of dv
 };
 
 void ln_backward_hook(void* ctx, int64_t row0, int64_t row1) {
   const LnBackRows& c = *static_cast<const LnBackRows*>(ctx);
-  ln_backward_rows(row0, row1, c.d, c.dout, c.ldg, c.v, c.ldv, c.mean, c.rstd, c.w, c.dv);
+  ln_backward_rows(row0, row1, c.d, c.dout, c.ldg, c.v, c.ldv, c.mean, c.rstd, c.w, c.dv, c.col_sums);
+}
+
+// s times the column sums of the tiles' sums, in tile order, in double: db_up
+at::Tensor tile_sums_total(const at::Tensor& col_sums, double s) {
+  const int64_t tiles = col_sums.size(0), d = col_sums.size(1);
+  std::vector<double> total(d, 0.0);
+  const float* p = col_sums.data_ptr<float>();
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t j = 0; j < d; ++j) total[j] += p[t * d + j];
+  at::Tensor out = at::empty({d}, col_sums.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j) o[j] = static_cast<float>(s * total[j]);
+  return out;
 }
 
 #endif  // FASTADAPTER_HAVE_AVX2_ROWS
@@ -271,18 +293,30 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   const at::Tensor wu = w_up.to(at::kFloat).contiguous();
   const auto lw = fp32(ln_weight);
   at::Tensor dv = at::empty({n, d}, dout.options()), da = at::empty({n, rk}, dout.options());
+  // db_up = s * sum(dv) from the prologue's sums of each tile's rows, formed while they are
+  // in cache, not in a pass of its own over dv; the tiles are fixed, so the sum does not
+  // depend on the thread count
+  const bool need_dbu = needs[4] && b_up.has_value();
+  at::Tensor col_sums, dbu;
+  if (need_dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
   if (n > 0) {
     // da = dv W_u, each tile's rows of dv formed first by the prologue
     LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
-                  rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>()};
+                  rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>(),
+                  need_dbu ? col_sums.data_ptr<float>() : nullptr};
     ResidualGemm gemm{n, rk, d, dv.data_ptr<float>(), d, wu.data_ptr<float>(), rk, 1, nullptr, 0, nullptr, 1.0f,
                       da.data_ptr<float>(), rk};
     gemm.rows_ready = ln_backward_hook;
     gemm.ready_ctx = &ln;
     TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
   }
+  if (need_dbu) {
+    dbu = tile_sums_total(col_sums, scaling);
+    needs[4] = false;
+  }
   std::vector<at::Tensor> grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up,
                                                                activation, scaling, residual_is_x, std::move(needs));
+  if (need_dbu) grads[4] = dbu;
   grads.insert(grads.begin(), dv);
   return grads;
 #else
@@ -306,7 +340,7 @@ at::Tensor layernorm_backward_input_cpu(const at::Tensor& dout_in, const at::Ten
   const float *rp = rs.data_ptr<float>(), *wp = lw ? lw->data_ptr<float>() : nullptr;
   float* op = dv.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
-    ln_backward_rows(b, e, d, gp, dout.stride(0), vp, vc.stride(0), mp, rp, wp, op);
+    ln_backward_rows(b, e, d, gp, dout.stride(0), vp, vc.stride(0), mp, rp, wp, op, nullptr);
   });
   return dv;
 #else

@@ -205,7 +205,7 @@ namespace avx2 {
 
 constexpr int64_t kMR = 6;         // rows per micro-tile
 constexpr int64_t kNR = 16;        // columns per micro-tile and per packed block of B
-constexpr int64_t kTileRows = 24;  // rows per parallel task
+constexpr int64_t kTileRows = kResidualGemmTileRows;  // rows per parallel task
 constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 16 floats of B: 8 KiB)
 
 bool cpu_has_avx2() {

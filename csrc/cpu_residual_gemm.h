@@ -18,6 +18,9 @@ namespace fastadapter {
 // residual_gemm returns false for them.
 constexpr int64_t kResidualGemmMin = 8;
 
+// Rows per tile of the AVX2 kernel: the ranges its row prologue is called with.
+constexpr int64_t kResidualGemmTileRows = 24;
+
 struct ResidualGemm {
   int64_t n, d, k;
   const float* a;          // [n, k], row stride lda, unit column stride
@@ -45,7 +48,9 @@ struct ResidualGemm {
   void* ctx = nullptr;
   // Called (from the worker threads, each range once) with product rows [row0, row1)
   // before the kernel reads those rows of A: a row prologue that may write them (the
-  // site op forms rows of dv there, which the product then reads from cache).
+  // site op forms rows of dv there, which the product then reads from cache). The
+  // ranges are the kernel's tiles: row0 a multiple of kResidualGemmTileRows, and
+  // row1 - row0 that many rows (fewer in the last).
   void (*rows_ready)(void* ctx, int64_t row0, int64_t row1) = nullptr;
   void* ready_ctx = nullptr;
 };

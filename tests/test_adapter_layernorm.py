@@ -247,6 +247,30 @@ def test_cpp_fused_site_nan_stays_in_its_row(cpp_avx2):
     assert torch.isfinite(out[torch.arange(13) != 7]).all()
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_cpp_fused_site_gradients_do_not_depend_on_the_thread_count(cpp_avx2, placement):
+    """The fused backward's sums (db_up from the prologue's per-tile sums, the weight
+    gradients) have a fixed order: one thread and two give the same bits. N = 1000 is not a
+    multiple of the 24-row tiles."""
+    inputs = [t.requires_grad_(i < 6) for i, t in enumerate(make_site(1000, 96, 16, seed=4))]
+    dout = torch.randn(1000, 96, generator=torch.Generator().manual_seed(5))
+
+    def grads():
+        out = fa.adapter_layernorm(*inputs, placement=placement, activation="gelu", scaling=0.5, backend="cpp")
+        return torch.autograd.grad(out, inputs[:6], dout)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = grads()
+        torch.set_num_threads(1)
+        one = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("dh", "dr", "dw_down", "db_down", "dw_up", "db_up"), two, one):
+        assert torch.equal(a, b), name
+
+
 def _args(**kw):
     h, r, wd, bd, wu, bu, lw, lb = make_site(4, 8, 2)
     args = dict(h=h, r=r, w_down=wd, b_down=bd, w_up=wu, b_up=bu, ln_weight=lw, ln_bias=lb)
