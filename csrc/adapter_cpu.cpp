@@ -149,16 +149,14 @@ std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Te
                                                      double scaling, bool residual_is_x, std::vector<bool> needs) {
   TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
   const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
-  const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
+  const bool need_dwu = needs[3];
   const bool need_dz = need_dx || need_dwd || need_dbd;
-  const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
+  const int64_t n = x.size(0), r = w_down.size(0);
   const auto dt = x.scalar_type();
   const auto acc = acc_type(dt);
-  const bool widen = dt != acc;
   auto fopt = x.options().dtype(acc);
   const at::Tensor g = dy.to(acc);
 
-  at::Tensor dx, dwd, dbd, dwu, dbu;
   // da [N, r] = dy @ W_up, unless the caller formed it
   TORCH_INTERNAL_ASSERT(!da.defined() || (da.scalar_type() == at::kFloat && acc == at::kFloat && da.is_contiguous()));
   if (!need_dz) da = at::Tensor();
@@ -185,6 +183,28 @@ std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Te
     dz = activation_backward_aten(da, z, activation);
     if (scaling != 1.0) dz.mul_(scaling);
   }
+  return adapter_backward_from_dz_cpu(dz, a, g, x, z, w_down, b_down, w_up, b_up, activation, scaling, residual_is_x,
+                                      std::move(needs));
+}
+
+std::vector<at::Tensor> adapter_backward_from_dz_cpu(at::Tensor dz, at::Tensor a, const at::Tensor& dy,
+                                                     const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                     double scaling, bool residual_is_x, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
+  const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
+  const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
+  const bool need_dz = need_dx || need_dwd || need_dbd;
+  const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
+  const auto dt = x.scalar_type();
+  const auto acc = acc_type(dt);
+  const bool widen = dt != acc;
+  auto fopt = x.options().dtype(acc);
+  const at::Tensor g = dy.to(acc);
+  TORCH_INTERNAL_ASSERT(!need_dz || dz.defined());
+
+  at::Tensor dx, dwd, dbd, dwu, dbu;
   // The bias gradients are ATen's sums, as the reference backend (and eager autograd)
   // forms them, not a ones column of a GEMM: MKL sums those in an order of its own, which
   // on some CPUs loses several bits over a few thousand rows. The weight gradients are

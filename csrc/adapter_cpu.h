@@ -35,6 +35,15 @@ std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Te
                                                      const c10::optional<at::Tensor>& b_up, int64_t activation,
                                                      double scaling, bool residual_is_x, std::vector<bool> needs);
 
+// The rest from dz = s * da * act'(z) already formed ([N, r] in the accumulation dtype;
+// undefined where no gradient needs it) and a = act(z) (undefined: formed here where
+// dW_up is needed): the bias sums, the weight gradients and dx, as needs asks.
+std::vector<at::Tensor> adapter_backward_from_dz_cpu(at::Tensor dz, at::Tensor a, const at::Tensor& dy,
+                                                     const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                     double scaling, bool residual_is_x, std::vector<bool> needs);
+
 // out = s * a^T b ([m, d], a [N, m] and b [N, d] fp32), or its transpose, by the kernel of
 // cpu_weight_grad.h: false where it cannot run here (not fp32, neither AVX2 nor m, d >= 8,
 // AVX-512 on), and out is left alone for the caller's ATen GEMM.

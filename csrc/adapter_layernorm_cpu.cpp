@@ -3,12 +3,15 @@
 //             v = h + r + s * (a W_u^T + b_u) by the AVX2 kernel with both residuals in
 //             its epilogue (t + s * (...) for pfeiffer), and as each micro-row of 6 rows
 //             of v is final, still in L1, its LayerNorm: the row statistics and out.
-//             One read of h and r besides the down-projection's read of u; v and out
-//             written once each.
+//             The three steps run tile by tile (24 rows: residual_gemm_chain), so the
+//             epilogue reads u's rows (h for houlsby) from cache, not memory: one read of
+//             h and r from memory; v and out written once each.
 //   backward: where the LayerNorm is frozen, dv formed 24 rows at a time in the prologue
 //             of the da = dv W_up product (the kernel's tiles), which reads them from
-//             cache, and each tile's column sums of dv for db_up; then the adapter
-//             backward from that da; or dv in one pass over dout
+//             cache, and each tile's column sums of dv for db_up; where du is needed,
+//             dz = s * da * act'(z) (and a) and du = dv + dz W_d follow tile by tile in
+//             the same chain, reading dv's rows from cache; then the weight gradients
+//             and db_down (adapter_backward_from_dz_cpu). Or dv in one pass over dout
 //             and v (layernorm_backward_input_cpu) for the caller's adapter backward. A
 //             trainable LayerNorm takes ATen's backward, which also forms its weight and
 //             bias gradients.
@@ -213,6 +216,35 @@ at::Tensor tile_sums_total(const at::Tensor& col_sums, double s) {
 
 #endif  // FASTADAPTER_HAVE_AVX2_ROWS
 
+// a = act(z) for rows of the bottleneck: the forward chain's step between its products.
+struct ActRows {
+  int64_t r;
+  const float* z;
+  float* a;
+  int64_t act;
+};
+
+void act_rows_hook(void* ctx, int64_t row0, int64_t row1) {
+  const ActRows& c = *static_cast<const ActRows*>(ctx);
+  activation_forward_rows(row0, row1, c.r, c.z, c.r, c.a, c.r, c.act);
+}
+
+// a = act(z) (a may be null) and dz = s * da * act'(z) in place of da, for rows of the
+// bottleneck: the backward chain's step between its products.
+struct ActBackRows {
+  int64_t r;
+  const float* z;
+  float* da;
+  float* a;
+  int64_t act;
+  float s;
+};
+
+void act_back_rows_hook(void* ctx, int64_t row0, int64_t row1) {
+  const ActBackRows& c = *static_cast<const ActBackRows*>(ctx);
+  activation_backward_rows(row0, row1, c.r, c.z, c.r, c.da, c.r, c.act, c.s, c.a, c.r, c.da, c.r);
+}
+
 bool runs_here(const at::Tensor& h, int64_t r) {
   return FASTADAPTER_HAVE_AVX2_ROWS && h.scalar_type() == at::kFloat && residual_gemm_available(true) &&
          r >= kResidualGemmMin && h.size(1) >= kResidualGemmMin;
@@ -252,9 +284,6 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   if (n == 0) return {out, z, v, mean, rstd, mean_t, rstd_t};
   ResidualGemm down{n, rk, d, u.data_ptr<float>(), u.stride(0), wd.data_ptr<float>(), 1, d, nullptr, 0,
                     bd ? bd->data_ptr<float>() : nullptr, 1.0f, z.data_ptr<float>(), rk};
-  TORCH_INTERNAL_ASSERT(residual_gemm(down));
-  if (!activation_forward_pass(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
-    activation_out_aten(a, z, activation);
   LnRows ln{v.data_ptr<float>(), d, lw ? lw->data_ptr<float>() : nullptr, lb ? lb->data_ptr<float>() : nullptr,
             static_cast<float>(eps), d, out.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>()};
   const at::Tensor& base = placement == 2 ? t : h;
@@ -266,7 +295,13 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   }
   up.rows_done = ln_rows;
   up.ctx = &ln;
-  TORCH_INTERNAL_ASSERT(residual_gemm(up));
+  ActRows act{rk, z.data_ptr<float>(), a.data_ptr<float>(), activation};
+  if (!activation_rows_available(rk) || !residual_gemm_chain(down, act_rows_hook, &act, up)) {
+    TORCH_INTERNAL_ASSERT(residual_gemm(down));
+    if (!activation_forward_pass(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
+      activation_out_aten(a, z, activation);
+    TORCH_INTERNAL_ASSERT(residual_gemm(up));
+  }
   return {out, z, v, mean, rstd, mean_t, rstd_t};
 #else
   return {};
@@ -299,6 +334,16 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   const bool need_dbu = needs[4] && b_up.has_value();
   at::Tensor col_sums, dbu;
   if (need_dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
+  // Where du is needed, da and du = (dv) + dz W_d run as one chain of products tile by
+  // tile, dz and a formed between them: du's product reads its rows of dv and dz from
+  // cache. Else da alone, and the adapter backward from it.
+  const bool chain = needs[0] && activation_rows_available(rk);
+  const bool need_dwu = needs[3];
+  at::Tensor du, a;
+  if (chain) {
+    du = at::empty({n, d}, dout.options());
+    if (need_dwu) a = at::empty({n, rk}, dout.options());
+  }
   if (n > 0) {
     // da = dv W_u, each tile's rows of dv formed first by the prologue
     LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
@@ -308,14 +353,31 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
                       da.data_ptr<float>(), rk};
     gemm.rows_ready = ln_backward_hook;
     gemm.ready_ctx = &ln;
-    TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
+    if (chain) {
+      const at::Tensor zc = z.to(at::kFloat).contiguous(), wd = w_down.to(at::kFloat).contiguous();
+      ActBackRows act{rk, zc.data_ptr<float>(), da.data_ptr<float>(), need_dwu ? a.data_ptr<float>() : nullptr,
+                      activation, static_cast<float>(scaling)};
+      ResidualGemm dug{n, d, rk, da.data_ptr<float>(), rk, wd.data_ptr<float>(), d, 1,
+                       residual_is_x ? dv.data_ptr<float>() : nullptr, d, nullptr, 1.0f, du.data_ptr<float>(), d};
+      TORCH_INTERNAL_ASSERT(residual_gemm_chain(gemm, act_back_rows_hook, &act, dug));
+    } else {
+      TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
+    }
   }
   if (need_dbu) {
     dbu = tile_sums_total(col_sums, scaling);
     needs[4] = false;
   }
-  std::vector<at::Tensor> grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up,
-                                                               activation, scaling, residual_is_x, std::move(needs));
+  std::vector<at::Tensor> grads;
+  if (chain) {  // da is dz now
+    needs[0] = false;
+    grads = adapter_backward_from_dz_cpu(da, a, dv, u_in, z, w_down, b_down, w_up, b_up, activation, scaling,
+                                         residual_is_x, std::move(needs));
+    grads[0] = du;
+  } else {
+    grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up, activation, scaling,
+                                         residual_is_x, std::move(needs));
+  }
   if (need_dbu) grads[4] = dbu;
   grads.insert(grads.begin(), dv);
   return grads;

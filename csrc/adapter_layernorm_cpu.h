@@ -31,8 +31,9 @@ at::Tensor layernorm_backward_input_cpu(const at::Tensor& dout, const at::Tensor
 // dv (as layernorm_backward_input_cpu) formed tile by tile in the prologue of the
 // da = dv W_up product, which reads those rows from cache while the next tile's dout and
 // v stream in, each tile's column sums of dv too (db_up = s * their sum, in tile order: not
-// a pass of its own over dv); then the adapter backward from that da (adapter_cpu.h) with
-// dy = dv and x = u.
+// a pass of its own over dv); where du is needed, dz and du = (dv) + dz W_d in the same
+// tiles right after; then the rest of the adapter backward (adapter_cpu.h) with dy = dv
+// and x = u.
 // Returns {dv, du, dw_down, db_down, dw_up, db_up} (undefined where not needed), or an
 // empty list where it does not run (not fp32, no AVX2 kernel, r or d below 8, or no
 // gradient that needs da), and the caller forms dv and calls the adapter backward.

@@ -275,38 +275,45 @@ bool activation_avx2_available() {
 #endif
 }
 
-bool activation_forward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
+bool activation_rows_available(int64_t r) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
-  const bool wide = available();
-  if (r < kResidualGemmMin || (!wide && !available_avx2())) return false;
-  at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
-    const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
-    if (wide) forward_rows(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
-    else forward_rows8(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
-  });
-  return true;
+  return r >= kResidualGemmMin && (available() || available_avx2());
 #else
   return false;
 #endif
 }
 
-bool activation_backward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
-                              float s, float* a, int64_t lda, float* dz, int64_t lddz) {
+void activation_forward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
+                             int64_t act) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
-  const bool wide = available();
-  if (r < kResidualGemmMin || (!wide && !available_avx2())) return false;
+  if (available()) forward_rows(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
+  else forward_rows8(i0, i1, r, z, ldz, a, lda, static_cast<Activation>(act));
+#endif
+}
+
+void activation_backward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
+                              int64_t act, float s, float* a, int64_t lda, float* dz, int64_t lddz) {
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  if (available()) backward_rows(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
+  else backward_rows8(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
+#endif
+}
+
+bool activation_forward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda, int64_t act) {
+  if (!activation_rows_available(r)) return false;
   at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
-    const int64_t i0 = t0 * kTileRows, i1 = std::min(n, t1 * kTileRows);
-    if (wide) {
-      backward_rows(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
-    } else {
-      backward_rows8(i0, i1, r, z, ldz, da, ldda, static_cast<Activation>(act), s, a, lda, dz, lddz);
-    }
+    activation_forward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, a, lda, act);
   });
   return true;
-#else
-  return false;
-#endif
+}
+
+bool activation_backward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
+                              float s, float* a, int64_t lda, float* dz, int64_t lddz) {
+  if (!activation_rows_available(r)) return false;
+  at::parallel_for(0, tiles(n), 16, [&](int64_t t0, int64_t t1) {
+    activation_backward_rows(t0 * kTileRows, std::min(n, t1 * kTileRows), r, z, ldz, da, ldda, act, s, a, lda, dz, lddz);
+  });
+  return true;
 }
 
 void activation_out_aten(at::Tensor& a, const at::Tensor& z, int64_t activation) {

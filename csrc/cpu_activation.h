@@ -26,6 +26,15 @@ bool activation_forward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, 
 bool activation_backward_pass(int64_t n, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda, int64_t act,
                               float s, float* a, int64_t lda, float* dz, int64_t lddz);
 
+// The passes' work on rows [i0, i1) alone, on the calling thread, for a caller that runs
+// it between two products tile by tile (residual_gemm_chain, cpu_residual_gemm.h): only
+// where activation_rows_available(r), which is where the passes above run.
+bool activation_rows_available(int64_t r);
+void activation_forward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
+                             int64_t act);
+void activation_backward_rows(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
+                              int64_t act, float s, float* a, int64_t lda, float* dz, int64_t lddz);
+
 // The same as ATen ops, for any dtype and where the passes above do not run:
 // a = act(z) into a; and grad * act'(z).
 void activation_out_aten(at::Tensor& a, const at::Tensor& z, int64_t activation);

@@ -125,9 +125,11 @@ FA_AVX512 void micro_edge(int64_t mr, int64_t nv, __mmask16 tail, const float* A
 }
 
 // B as column blocks [ceil(d / width)][k][width], zero past d, in a buffer kept per
-// calling thread (grown when needed), so that a call allocates nothing.
-const float* pack_b(const ResidualGemm& g, int64_t width) {
-  static thread_local std::vector<float> packed;
+// calling thread and slot (grown when needed), so that a call allocates nothing; a chain
+// of two products packs both, in slots 0 and 1.
+const float* pack_b(const ResidualGemm& g, int64_t width, int slot = 0) {
+  static thread_local std::vector<float> buffers[2];
+  std::vector<float>& packed = buffers[slot];
   const int64_t blocks = (g.d + width - 1) / width;
   const size_t size = static_cast<size_t>(blocks * g.k * width);
   if (packed.size() < size) packed.resize(size);
@@ -412,6 +414,35 @@ bool residual_gemm(const ResidualGemm& g) {
       const int64_t row0 = t * tile_rows, row1 = std::min(g.n, (t + 1) * tile_rows);
       if (wide) run_tile(g, packed, row0, row1);
       else avx2::run_tile(g, packed, row0, row1);
+    }
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, int64_t row0, int64_t row1), void* ctx,
+                         const ResidualGemm& second) {
+  if (first.n != second.n || std::min({first.k, first.d, second.k, second.d}) < kResidualGemmMin ||
+      !residual_gemm_available(true))
+    return false;
+#if FASTADAPTER_HAVE_AVX512_KERNEL
+  const int64_t n = first.n;
+  if (n == 0) return true;
+  const float* packed1 = pack_b(first, avx2::kNR, 0);
+  const float* packed2 = pack_b(second, avx2::kNR, 1);
+  const int64_t tiles = (n + avx2::kTileRows - 1) / avx2::kTileRows;
+  const int64_t flops = avx2::kTileRows * (first.d * first.k + second.d * second.k);
+  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops));
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (tiles + min_tiles - 1) / min_tiles);
+  std::atomic<int64_t> next{0};  // tiles handed out one at a time, as in residual_gemm
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < tiles; t = next++) {
+      const int64_t row0 = t * avx2::kTileRows, row1 = std::min(n, (t + 1) * avx2::kTileRows);
+      avx2::run_tile(first, packed1, row0, row1);
+      if (between) between(ctx, row0, row1);
+      avx2::run_tile(second, packed2, row0, row1);
     }
   });
   return true;

@@ -76,4 +76,13 @@ bool residual_gemm_available(bool row_maps);
 // residual_gemm_available() is false for it, or k or d is below kResidualGemmMin.
 bool residual_gemm(const ResidualGemm& g);
 
+// Two products over the same n rows on the AVX2 kernel, tile by tile: per tile of
+// kResidualGemmTileRows rows the first product's rows, then between(ctx, row0, row1) (may
+// be null), then the second's, so that the second reads the first's output (through
+// between) and any rows the first read from cache, not memory. Returns false without
+// touching either output where residual_gemm_available(true) is false, the row counts
+// differ, or a k or d is below kResidualGemmMin.
+bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, int64_t row0, int64_t row1), void* ctx,
+                         const ResidualGemm& second);
+
 }  // namespace fastadapter
