@@ -10,11 +10,18 @@
 
     pytest benchmarks/bench_adapter_layernorm.py --benchmark-json=out.json && python benchmarks/report.py out.json
 
+FASTADAPTER_BENCH_ROUNDS sets the rounds (9 on a CPU, 15 on a GPU), and
+FASTADAPTER_BENCH_PROVIDERS (comma-separated, eager always kept) the providers, for more
+rounds of a few of them: e.g. ``FASTADAPTER_BENCH_PROVIDERS=op+add+ln,cpp,gemms
+FASTADAPTER_BENCH_ROUNDS=15 pytest benchmarks/bench_adapter_layernorm.py -k "N4096-d768 and fwdbwd"``.
+
 Houlsby placement (LN(h + r + s*f(h))), gelu, the LayerNorm frozen as in a base model, h and
 r and the adapter trainable. CPU: fp32, N = 4096 and 16384, d = 384 and 768, r = 64.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -55,6 +62,13 @@ def _providers(rk):
         if backends.available_backends("adapter_layernorm").get(name) is None:
             if backends.get(name).check(torch.device(DEVICE), DTYPE, rk) is None:
                 names.append(name)
+    chosen = os.environ.get("FASTADAPTER_BENCH_PROVIDERS")
+    if chosen:
+        wanted = {"eager", *(p.strip() for p in chosen.split(","))}
+        unknown = wanted - set(names)
+        if unknown:
+            raise ValueError(f"FASTADAPTER_BENCH_PROVIDERS: {sorted(unknown)} not among {names}")
+        names = [n for n in names if n in wanted]
     return names
 
 
@@ -91,7 +105,8 @@ def test_adapter_layernorm(benchmark, case, mode):
             for fn in fns.values():
                 fn()
             iters = bench.iterations(fns["eager"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            return bench.interleaved(fns, DEVICE, 15 if DEVICE == "cuda" else 9, iters)
+            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if DEVICE == "cuda" else "9"))
+            return bench.interleaved(fns, DEVICE, rounds, iters)
 
     results = benchmark.pedantic(run, rounds=1, iterations=1)
     e = torch.finfo(DTYPE).bits // 8
