@@ -147,10 +147,8 @@ std::vector<at::Tensor> adapter_backward_from_da_cpu(at::Tensor da, const at::Te
                                                      const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                      const c10::optional<at::Tensor>& b_up, int64_t activation,
                                                      double scaling, bool residual_is_x, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
-  const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
-  const bool need_dwu = needs[3];
-  const bool need_dz = need_dx || need_dwd || need_dbd;
+  const BackwardNeeds want = backward_needs(needs, b_down.has_value(), b_up.has_value());
+  const bool need_dwu = want.dwu, need_dz = want.dz;
   const int64_t n = x.size(0), r = w_down.size(0);
   const auto dt = x.scalar_type();
   const auto acc = acc_type(dt);
@@ -192,10 +190,8 @@ std::vector<at::Tensor> adapter_backward_from_dz_cpu(at::Tensor dz, at::Tensor a
                                                      const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                      const c10::optional<at::Tensor>& b_up, int64_t activation,
                                                      double scaling, bool residual_is_x, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
-  const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
-  const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
-  const bool need_dz = need_dx || need_dwd || need_dbd;
+  const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_dz] =
+      backward_needs(needs, b_down.has_value(), b_up.has_value());
   const int64_t n = x.size(0), d = x.size(1), r = w_down.size(0);
   const auto dt = x.scalar_type();
   const auto acc = acc_type(dt);

@@ -18,6 +18,19 @@ std::vector<at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tenso
                                             const c10::optional<at::Tensor>& residual, int64_t activation,
                                             double scaling, bool residual_is_x);
 
+// The five gradient flags of an adapter backward, in order dx, dW_down, db_down, dW_up,
+// db_up (a bias's only where it exists), and whether dz is needed (for dx, dW_down or
+// db_down); refuses a list that is not five flags long.
+struct BackwardNeeds {
+  bool dx, dwd, dbd, dwu, dbu, dz;
+};
+
+inline BackwardNeeds backward_needs(const std::vector<bool>& needs, bool has_b_down, bool has_b_up) {
+  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
+  const bool dx = needs[0], dwd = needs[1], dbd = needs[2] && has_b_down;
+  return {dx, dwd, dbd, needs[3], needs[4] && has_b_up, dx || dwd || dbd};
+}
+
 // Returns {dx, dw_down, db_down, dw_up, db_up}; an undefined tensor where not needed.
 // Weight gradients are in the accumulation dtype; the caller casts them.
 std::vector<at::Tensor> adapter_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& z,

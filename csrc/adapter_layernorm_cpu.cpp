@@ -315,10 +315,10 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
                                                        const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
                                                        const c10::optional<at::Tensor>& ln_weight, int64_t activation,
                                                        double scaling, bool residual_is_x, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
+  const BackwardNeeds want = backward_needs(needs, b_down.has_value(), b_up.has_value());
   TORCH_CHECK(dout_in.dim() == 2 && v_in.sizes() == dout_in.sizes() && u_in.sizes() == dout_in.sizes(),
               "fastadapter cpp: dout, u and v must be [N, d]");
-  const bool need_dz = needs[0] || needs[1] || (needs[2] && b_down.has_value());
+  const bool need_dz = want.dz;
   const int64_t n = dout_in.size(0), d = dout_in.size(1), rk = w_down.size(0);
   if (!need_dz || !runs_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
     return {};
@@ -331,14 +331,14 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   // db_up = s * sum(dv) from the prologue's sums of each tile's rows, formed while they are
   // in cache, not in a pass of its own over dv; the tiles are fixed, so the sum does not
   // depend on the thread count
-  const bool need_dbu = needs[4] && b_up.has_value();
+  const bool need_dbu = want.dbu;
   at::Tensor col_sums, dbu;
   if (need_dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
   // Where du is needed, da and du = (dv) + dz W_d run as one chain of products tile by
   // tile, dz and a formed between them: du's product reads its rows of dv and dz from
   // cache. Else da alone, and the adapter backward from it.
-  const bool chain = needs[0] && activation_rows_available(rk);
-  const bool need_dwu = needs[3];
+  const bool chain = want.dx && activation_rows_available(rk);
+  const bool need_dwu = want.dwu;
   at::Tensor du, a;
   if (chain) {
     du = at::empty({n, d}, dout.options());

@@ -195,9 +195,8 @@ std::vector<at::Tensor> backward_mapped(const Groups& g, const at::Tensor& dy_in
                                         const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                         const c10::optional<at::Tensor>& b_up, int64_t activation, double scaling,
                                         bool residual_is_x, const std::vector<bool>& needs) {
-  const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
-  const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
-  const bool need_dz = need_dx || need_dwd || need_dbd;
+  const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_dz] =
+      backward_needs(needs, b_down.has_value(), b_up.has_value());
   const at::Tensor dy = unit_columns(dy_in.to(at::kFloat)), x = unit_columns(x_in);
   const int64_t n = x.size(0), d = x.size(1), adapters = w_down.size(0), r = w_down.size(1);
   const at::Tensor wd = w_down.to(at::kFloat).contiguous(), wu = w_up.to(at::kFloat).contiguous();
@@ -323,9 +322,8 @@ std::vector<at::Tensor> mixed_adapter_backward_cpu(const at::Tensor& dy, const a
                                                    const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                    const c10::optional<at::Tensor>& b_up, int64_t activation,
                                                    double scaling, bool residual_is_x, std::vector<bool> needs) {
-  TORCH_CHECK(needs.size() == 5, "fastadapter cpp: needs must have 5 flags");
-  const bool need_dx = needs[0], need_dwd = needs[1], need_dbd = needs[2] && b_down.has_value();
-  const bool need_dwu = needs[3], need_dbu = needs[4] && b_up.has_value();
+  const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu, need_dz] =
+      backward_needs(needs, b_down.has_value(), b_up.has_value());
   const int64_t adapters = w_down.size(0);
   const auto acc = z.scalar_type();
   const auto fopt = x.options().dtype(acc);
