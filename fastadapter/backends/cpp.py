@@ -138,8 +138,9 @@ def _widened(t, dtype):
 def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_down, w_up, b_up, ln_weight, ln_bias,
                        placement, eps, activation, scaling, needs):  # fmt: skip
     """For fp32 with the AVX2 kernel and the LayerNorm frozen, one C++ call
-    (csrc/adapter_layernorm_cpu.cpp): dv formed tile by tile in the prologue of the
-    da = dv W_up product, then the adapter backward from that da. Elsewhere the LayerNorm
+    (csrc/adapter_layernorm_cpu.cpp): dv and db_up's per-tile sums formed tile by tile in
+    the prologue of the da = dv W_up product, dz and du following in the same tiles where du
+    is needed, then the rest of the adapter backward. Elsewhere the LayerNorm
     backward on the kept v (one pass of the same file where frozen, else ATen's), then the
     cpp adapter backward with dy = dv. For houlsby and parallel dv is the adapter's residual
     (dx = dv + du in one GEMM epilogue); pfeiffer's du then goes through the LayerNorm
