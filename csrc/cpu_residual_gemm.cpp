@@ -239,60 +239,36 @@ FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2, __m256i m
 }
 
 
-// The full 6 x 16 micro-tile, the 12 accumulators named so that they stay in registers.
-FA_AVX2 void micro_6x16(const Rows& m, const float* B, int64_t k, const float* c, float s) {
-#define FA_ROW(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;
-  FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
-#undef FA_ROW
-  const float *a0 = m.a[0], *a1 = m.a[1], *a2 = m.a[2], *a3 = m.a[3], *a4 = m.a[4], *a5 = m.a[5];
-  for (int64_t p = 0; p < k; ++p) {
-    const __m256 b0 = _mm256_loadu_ps(B + p * kNR), b1 = _mm256_loadu_ps(B + p * kNR + 8);
-#define FA_FMA(i)                                   \
-  {                                                 \
+// The 6 x 16 micro-tile's 12 accumulators, named so that they stay in registers, and its
+// steps p in [p0, p1): c_i += A row i [p] * B[p] (B packed 16 wide), with a0..a5 the rows
+// of A. Shared by the AVX2 kernels below.
+#define FA_ZERO_6X16                                                              \
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, \
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define FA_FMA_6X16(i)                               \
+  {                                                  \
     const __m256 av = _mm256_broadcast_ss(a##i + p); \
-    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);     \
-    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);     \
+    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);      \
+    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);      \
   }
-    FA_FMA(0) FA_FMA(1) FA_FMA(2) FA_FMA(3) FA_FMA(4) FA_FMA(5)
-#undef FA_FMA
+#define FA_STEPS_6X16(B, p0, p1)                                                                 \
+  for (int64_t p = (p0); p < (p1); ++p) {                                                        \
+    const __m256 b0 = _mm256_loadu_ps((B) + p * kNR), b1 = _mm256_loadu_ps((B) + p * kNR + 8); \
+    FA_FMA_6X16(0) FA_FMA_6X16(1) FA_FMA_6X16(2) FA_FMA_6X16(3) FA_FMA_6X16(4) FA_FMA_6X16(5)    \
   }
-  const __m256 vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
-  const __m256 e0 = c ? _mm256_loadu_ps(c) : zero, e1 = c ? _mm256_loadu_ps(c + 8) : zero;
-#define FA_OUT(i)                                                                                            \
-  {                                                                                                          \
-    const float *rr = m.r[i], *rr2 = m.r2[i];                                                                \
-    _mm256_storeu_ps(m.o[i], _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##0, e0), residual(rr, rr2)));           \
-    _mm256_storeu_ps(m.o[i] + 8, _mm256_fmadd_ps(vs, _mm256_add_ps(c##i##1, e1),                             \
-                                                 residual(rr ? rr + 8 : nullptr, rr2 ? rr2 + 8 : nullptr))); \
-  }
-  FA_OUT(0) FA_OUT(1) FA_OUT(2) FA_OUT(3) FA_OUT(4) FA_OUT(5)
-#undef FA_OUT
-}
 
 // A full micro-row: the 6 x 16 micro-tile over each column block [j, j + 16) of
 // [0, d) in turn (d a multiple of 16), in one call, m's row pointers at column 0.
-// Against a call of micro_6x16 per block, the rows' pointers and the epilogue's null
-// checks stay put across the blocks: on a Zen 3, 13% faster in a standalone loop for
+// Against a call per column block, the rows' pointers and the epilogue's null checks
+// stay put across the blocks: on a Zen 3, 13% faster in a standalone loop for
 // k = 64 with a second residual (the site forward's y = h + r + ...), 2% on the site op.
 FA_AVX2 void micro_6x16_sweep(const Rows& m, const float* B, int64_t k, int64_t d, const float* c, float s) {
   const float *a0 = m.a[0], *a1 = m.a[1], *a2 = m.a[2], *a3 = m.a[3], *a4 = m.a[4], *a5 = m.a[5];
   const __m256 vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
   for (int64_t j = 0; j < d; j += kNR) {
     const float* Bj = B + j * k;  // column block j / 16 of the packed B
-#define FA_ROW(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;
-    FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
-#undef FA_ROW
-    for (int64_t p = 0; p < k; ++p) {
-      const __m256 b0 = _mm256_loadu_ps(Bj + p * kNR), b1 = _mm256_loadu_ps(Bj + p * kNR + 8);
-#define FA_FMA(i)                                    \
-  {                                                  \
-    const __m256 av = _mm256_broadcast_ss(a##i + p); \
-    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);      \
-    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);      \
-  }
-      FA_FMA(0) FA_FMA(1) FA_FMA(2) FA_FMA(3) FA_FMA(4) FA_FMA(5)
-#undef FA_FMA
-    }
+    FA_ZERO_6X16
+    FA_STEPS_6X16(Bj, 0, k)
     const __m256 e0 = c ? _mm256_loadu_ps(c + j) : zero, e1 = c ? _mm256_loadu_ps(c + j + 8) : zero;
 #define FA_OUT(i)                                                                                              \
   {                                                                                                            \
@@ -334,23 +310,11 @@ FA_AVX2 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* B,
 // summed in registers, the block partials added in order in acc (in L1), so that the
 // rounding error grows with kKc plus the number of blocks, not with k.
 FA_AVX2 void micro_6x16_long(const float* const* a, const float* B, int64_t k, float* acc) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   for (int64_t p0 = 0; p0 < k; p0 += kKc) {
     const int64_t p1 = std::min(k, p0 + kKc);
-#define FA_ROW(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;
-    FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
-#undef FA_ROW
-    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
-    for (int64_t p = p0; p < p1; ++p) {
-      const __m256 b0 = _mm256_loadu_ps(B + p * kNR), b1 = _mm256_loadu_ps(B + p * kNR + 8);
-#define FA_FMA(i)                                    \
-  {                                                  \
-    const __m256 av = _mm256_broadcast_ss(a##i + p); \
-    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);      \
-    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);      \
-  }
-      FA_FMA(0) FA_FMA(1) FA_FMA(2) FA_FMA(3) FA_FMA(4) FA_FMA(5)
-#undef FA_FMA
-    }
+    FA_ZERO_6X16
+    FA_STEPS_6X16(B, p0, p1)
     if (p0 == 0) {
 #define FA_SET(i)                                   \
   _mm256_store_ps(acc + i * kNR, c##i##0);          \
@@ -382,10 +346,6 @@ FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const f
   }
 }
 
-void micro(int64_t mr, int64_t cols, const Rows& m, const float* B, int64_t k, const float* c, float s) {
-  if (mr == kMR && cols == kNR) micro_6x16(m, B, k, c, s);
-  else micro_edge(mr, cols, m, B, k, c, s);
-}
 
 
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
@@ -407,7 +367,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
       const int64_t mr = std::min(kMR, row1 - row0 - i);
       for (int64_t q = 0; q < mr; ++q) m.a[q] = a_row[i + q];
       int64_t j = 0;
-      if (mr == kMR) {  // the full column blocks in one call, the last partial one below
+      if (mr == kMR) {  // the full column blocks in one call; a partial one, or fewer rows, below
         for (int64_t q = 0; q < kMR; ++q) {
           m.r[q] = r_row[i + q];
           m.r2[q] = r2_row[i + q];
@@ -422,7 +382,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
           m.r2[q] = r2_row[i + q] ? r2_row[i + q] + j : nullptr;
           m.o[q] = o_row[i + q] + j;
         }
-        micro(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
+        micro_edge(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
       }
       if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);  // these rows of out are final
     }
@@ -443,6 +403,10 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
     if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);
   }
 }
+
+#undef FA_STEPS_6X16
+#undef FA_FMA_6X16
+#undef FA_ZERO_6X16
 
 }  // namespace avx2
 
