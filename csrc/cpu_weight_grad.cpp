@@ -8,10 +8,11 @@
 //
 // B's rows are d floats apart: a panel's rows fall in a few L1 sets, and the hardware
 // prefetchers do not follow a stride of several KiB across pages. So the next block's
-// panel of a column block is copied inside the first micro-kernel that runs over this
-// block's panel (its loads wait behind the FMAs, not in a loop of their own), while
-// the following column block's lines are prefetched, and A's next rows too. Only the
-// first block is packed up front. The result is scaled (and transposed) into out at the end.
+// panel of a column block is copied inside the micro-kernel calls that run over this
+// block's panel, a share of its rows in each (the loads wait behind the FMAs, not in a
+// loop of their own), while the following column block's lines are prefetched, and A's
+// next rows too. Only the first block is packed up front. The result is scaled (and
+// transposed) into out at the end.
 
 #include "cpu_weight_grad.h"
 
@@ -42,9 +43,9 @@ constexpr int64_t kKc = 64;  // rows per block: 4 KiB per panel of B, 1.5 KiB pe
 
 
 // C[6][16] += sum over the kb rows of Ap[p][i] * Bp[p][j]. With next (not null), the loop
-// also copies 16 floats of each of the next block's first kn <= kb rows of B, next[p] + j,
-// into the next [kKc][16] panel: their loads, mostly from memory, then wait in the
-// shadow of the FMAs instead of in a packing loop of their own.
+// also copies 16 floats of each of kn <= kb rows of the next block of B, next[p] + j, into
+// rows [0, kn) of next_panel: their loads, mostly from memory, then wait in the shadow of
+// the FMAs instead of in a packing loop of their own.
 FA_AVX2 __attribute__((noinline)) void micro_6x16(const float* Ap, const float* Bp, int64_t kb, float* C,
                                                     const float* const* next, int64_t j, int64_t kn, float* next_panel,
                                                     bool prefetch) {
@@ -117,7 +118,10 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
   const int64_t panel = kKc * kNR;  // floats per panel of B
   thread_local std::vector<float> buf;
   thread_local std::vector<const float*> rows;
-  const int64_t a_size = panels * kKc * kMR + 8, b_size = 2 * blocks * panel, c_size = blocks * m_pad * kNR;
+  // Bp's two halves (this block's panels and the next's) start 2 KiB apart modulo 4 KiB,
+  // so that the copy's stores into one half do not alias the loads from the other
+  const int64_t half_size = blocks * panel + 512;
+  const int64_t a_size = panels * kKc * kMR + 8, b_size = 2 * half_size, c_size = blocks * m_pad * kNR;
   if (buf.size() < static_cast<size_t>(a_size + b_size + c_size + 8)) buf.resize(a_size + b_size + c_size + 8);
   if (rows.size() < static_cast<size_t>(2 * kKc)) rows.resize(2 * kKc);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t{31});
@@ -137,8 +141,8 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
     const int64_t kb = std::min(kKc, g.n - n0), kn = std::min(kKc, g.n - n0 - kb);
     pack_a(g, n0, kb, panels, Ap);
     row_ptrs(nxt, n0 + kb, kn);
-    float* now = Bp + half * blocks * panel;
-    float* later = Bp + (1 - half) * blocks * panel;
+    float* now = Bp + half * half_size;
+    float* later = Bp + (1 - half) * half_size;
     for (int64_t jb = jb0; jb < jb1; ++jb) {
       const int64_t jl = jb - jb0;
       for (int64_t p = jl * kn / blocks; p < (jl + 1) * kn / blocks; ++p) {  // a share of A's next rows into cache
@@ -148,9 +152,13 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
       const bool full = (jb + 1) * kNR <= g.d;
       float* Cj = C + jl * m_pad * kNR;
       const float* Bj = now + jl * panel;
-      for (int64_t q = 0; q < panels; ++q)
-        micro_6x16(Ap + q * kKc * kMR, Bj, kb, Cj + q * kMR * kNR, q == 0 && full && kn ? nxt : nullptr, jb * kNR, kn,
-                   later + jl * panel, jb + 1 < jb1);
+      // the next block's panel copied in shares of its rows, one share per panel of A: a
+      // few copies in each micro-kernel call, not all of them in the first
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t c0 = q * kn / panels, c1 = (q + 1) * kn / panels;
+        micro_6x16(Ap + q * kKc * kMR, Bj, kb, Cj + q * kMR * kNR, full ? nxt + c0 : nullptr, jb * kNR, c1 - c0,
+                   later + jl * panel + c0 * kNR, jb + 1 < jb1);
+      }
       if (!full && kn) pack_b(g, nxt, kn, jb, later + jl * panel);
     }
     half = 1 - half;
