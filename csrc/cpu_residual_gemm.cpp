@@ -14,8 +14,8 @@
 // accumulators, 2 loads of B and 6 broadcasts of A per step of p), B packed in column
 // blocks of 16. It also runs the products whose rows are gathered or scattered through
 // row maps (the mixed-adapter op), and those with a row hook or prologue (the site op).
-// Its order is the micro-row's: 6 rows sweep all of d, one call per micro-row, before
-// the next 6, so that R and out stream along 6 rows at a time and A's 6 rows stay in L1
+// Its order is the micro-row's: 6 rows sweep all of d before the next 6 (for k <= kKc in
+// one call), so that R and out stream along 6 rows at a time and A's 6 rows stay in L1
 // (B's blocks come from L2); the 24-row order of the AVX-512 kernel ran about 30% slower
 // here on a Zen 3. For k > kKc the k-blocks of each 6 x 16 micro-tile are summed in
 // registers and added in order in a 6 x 16 buffer, the same sums as the AVX-512 kernel's.
