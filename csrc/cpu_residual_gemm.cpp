@@ -335,7 +335,16 @@ FA_AVX2 void micro_6x16_long(const float* const* a, const float* B, int64_t k, f
 FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row,
                            const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
   const __m256 vs = _mm256_set1_ps(s);
-  for (int64_t v = 0; v < cols; v += 8) {
+  int64_t v = 0;
+  for (; v + 8 <= cols; v += 8) {  // whole vectors: plain loads and stores (a masked store is slow on Zen)
+    const __m256 e = c ? _mm256_loadu_ps(c + v) : _mm256_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m256 rv = residual(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr);
+      const __m256 t = _mm256_add_ps(_mm256_load_ps(acc + i * kNR + v), e);
+      _mm256_storeu_ps(o_row[i] + j + v, _mm256_fmadd_ps(vs, t, rv));
+    }
+  }
+  if (v < cols) {
     const __m256i mask = lanes8(cols - v);
     const __m256 e = c ? _mm256_maskload_ps(c + v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
