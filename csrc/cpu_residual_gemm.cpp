@@ -356,7 +356,6 @@ FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const f
 }
 
 
-
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
   if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
   const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
