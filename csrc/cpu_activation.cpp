@@ -227,42 +227,42 @@ FA_AVX2 inline ActDeriv8 act_and_deriv8(__m256 z, Activation act, bool want_valu
 }
 
 
-FA_AVX2 void forward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
-                           Activation act) {
-  // whole vectors with plain loads and stores (a masked store is slow on Zen), the last
-  // partial one of a row masked
-  const int64_t full = r - r % 8;
-  for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = 0; j < full; j += 8)
-      _mm256_storeu_ps(a + i * lda + j, act_and_deriv8(_mm256_loadu_ps(z + i * ldz + j), act, true, false).value);
-    if (full < r) {
-      const __m256i m = lanes8(r - full);
-      const __m256 zv = _mm256_maskload_ps(z + i * ldz + full, m);
-      _mm256_maskstore_ps(a + i * lda + full, m, act_and_deriv8(zv, act, true, false).value);
-    }
-  }
+// One vector of a row: a = act(z) (a not null) and dz = s * da * act'(z) (dz not null), at
+// the row's offset; Masked for its last partial vector (load8, store8)
+template <bool Masked>
+FA_AVX2 inline void rows8_vector(const float* z, const float* da, float* a, float* dz, __m256i m, Activation act,
+                                 __m256 vs) {
+  const ActDeriv8 v = act_and_deriv8(load8<Masked>(z, m), act, a != nullptr, dz != nullptr);
+  if (a) store8<Masked>(a, m, v.value);
+  if (dz) store8<Masked>(dz, m, _mm256_mul_ps(_mm256_mul_ps(load8<Masked>(da, m), v.deriv), vs));
 }
 
 FA_AVX2 void backward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, const float* da, int64_t ldda,
                             Activation act, float s, float* a, int64_t lda, float* dz, int64_t lddz) {
   const __m256 vs = _mm256_set1_ps(s);
-  const int64_t full = r - r % 8;  // as forward_rows8: only a row's last partial vector masked
+  const int64_t full = r - r % 8;
+  const __m256i tail = lanes8(r - full);
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = 0; j < full; j += 8) {
-      const ActDeriv8 v = act_and_deriv8(_mm256_loadu_ps(z + i * ldz + j), act, a != nullptr, dz != nullptr);
-      if (a) _mm256_storeu_ps(a + i * lda + j, v.value);
-      if (dz) _mm256_storeu_ps(dz + i * lddz + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(da + i * ldda + j), v.deriv), vs));
-    }
-    if (full < r) {
-      const __m256i m = lanes8(r - full);
-      const __m256 zv = _mm256_maskload_ps(z + i * ldz + full, m);
-      const ActDeriv8 v = act_and_deriv8(zv, act, a != nullptr, dz != nullptr);
-      if (a) _mm256_maskstore_ps(a + i * lda + full, m, v.value);
-      if (dz) {
-        const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_maskload_ps(da + i * ldda + full, m), v.deriv), vs);
-        _mm256_maskstore_ps(dz + i * lddz + full, m, g);
-      }
-    }
+    const float *zi = z + i * ldz, *dai = dz ? da + i * ldda : nullptr;
+    float *ai = a ? a + i * lda : nullptr, *dzi = dz ? dz + i * lddz : nullptr;
+    for (int64_t j = 0; j < full; j += 8)
+      rows8_vector<false>(zi + j, dz ? dai + j : nullptr, a ? ai + j : nullptr, dz ? dzi + j : nullptr, tail, act, vs);
+    if (full < r)
+      rows8_vector<true>(zi + full, dz ? dai + full : nullptr, a ? ai + full : nullptr, dz ? dzi + full : nullptr, tail,
+                         act, vs);
+  }
+}
+
+FA_AVX2 void forward_rows8(int64_t i0, int64_t i1, int64_t r, const float* z, int64_t ldz, float* a, int64_t lda,
+                           Activation act) {
+  const int64_t full = r - r % 8;
+  const __m256i tail = lanes8(r - full);
+  const __m256 unused = _mm256_setzero_ps();
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* zi = z + i * ldz;
+    float* ai = a + i * lda;
+    for (int64_t j = 0; j < full; j += 8) rows8_vector<false>(zi + j, nullptr, ai + j, nullptr, tail, act, unused);
+    if (full < r) rows8_vector<true>(zi + full, nullptr, ai + full, nullptr, tail, act, unused);
   }
 }
 

@@ -14,6 +14,21 @@ __attribute__((target("avx2,fma"))) inline __m256i lanes8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// 8 floats at p, or with Masked only the lanes of m (the others read as 0 and left
+// unwritten): plain loads and stores for whole vectors (a masked store is slow on Zen),
+// a mask for a row's last partial one
+template <bool Masked>
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p, __m256i m) {
+  if constexpr (Masked) return _mm256_maskload_ps(p, m);
+  else return _mm256_loadu_ps(p);
+}
+
+template <bool Masked>
+__attribute__((target("avx2,fma"))) inline void store8(float* p, __m256i m, __m256 v) {
+  if constexpr (Masked) _mm256_maskstore_ps(p, m, v);
+  else _mm256_storeu_ps(p, v);
+}
+
 }  // namespace fastadapter
 #endif
 
