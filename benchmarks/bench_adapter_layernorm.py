@@ -17,6 +17,13 @@ FASTADAPTER_BENCH_ROUNDS=15 pytest benchmarks/bench_adapter_layernorm.py -k "N40
 
 Houlsby placement (LN(h + r + s*f(h))), gelu, the LayerNorm frozen as in a base model, h and
 r and the adapter trainable. CPU: fp32, N = 4096 and 16384, d = 384 and 768, r = 64.
+
+``test_adapter_layernorm_split`` (N = 4096, d = 768) times the forward and the backward
+apart, for the adapter op alone, op+add+ln and the site op on each backend, and one copy
+and one read of an N x d tensor: what the site costs beyond the adapter op (its extra),
+what the add and the LayerNorm cost beyond it in op+add+ln, and the bandwidth floor of the
+site's extra (a site moves at least one read more than the adapter op in the forward, r,
+and one read and one write more in the backward, v or out and dv: a copy and a read).
 """
 
 from __future__ import annotations
@@ -114,4 +121,65 @@ def test_adapter_layernorm(benchmark, case, mode):
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
         N=n, d=d, r=rk, activation="gelu (houlsby site)", mode=mode,
         bytes=(3 * n * d * e + n * rk * 4) * (1 if mode == "fwd" else 2), copy_bytes=2 * n * d * e, results=results,
+    )  # fmt: skip
+
+
+SPLIT_CASE = (4096, 768, 64)
+
+
+def _split_callables(tensors, sites):
+    """Forward and backward of each provider as separate calls; each backward runs over a
+    graph built once (retain_graph), so it times the backward alone."""
+    h, r, wd, bd, wu, bu = tensors[:6]
+    trainable = [t for t in tensors if t.requires_grad]
+    dy = torch.randn_like(h)
+    fns = {}
+
+    def add(name, fwd, wrt):
+        with torch.enable_grad():
+            y = fwd()
+        fns[f"{name} fwd"] = fwd
+        fns[f"{name} bwd"] = lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
+
+    add("op", lambda: fa.fused_adapter(h, wd, bd, wu, bu, activation="gelu"), [h, wd, bd, wu, bu])
+    add("op+add+ln", lambda: op_add_ln(*tensors), trainable)
+    for name in sites:
+        add(name, lambda name=name: _callable(name, tensors, "fwd")(), trainable)
+    src, dst = r.detach(), torch.empty_like(r)
+    fns["copy"] = lambda: dst.copy_(src)
+    fns["read"] = lambda: src.sum()
+    return fns
+
+
+def split(results: dict, sites) -> dict:
+    """ms per part from the medians: each provider's forward, backward and total; the
+    extra of op+add+ln and of each site over the adapter op; the floor of a site's extra
+    (one copy and one read)."""
+    ms = {k: v["median_s"] * 1e3 for k, v in results.items()}
+    total = {p: ms[f"{p} fwd"] + ms[f"{p} bwd"] for p in ("op", "op+add+ln", *sites)}
+    out = {"fwd": {p: ms[f"{p} fwd"] for p in total}, "bwd": {p: ms[f"{p} bwd"] for p in total}, "total": total}
+    out["extra_over_op"] = {p: total[p] - total["op"] for p in total if p != "op"}
+    out["floor_extra"] = ms["copy"] + ms["read"]
+    out["vs_op_add_ln"] = {p: total["op+add+ln"] / total[p] for p in sites}
+    out["vs_op_add_ln_at_floor"] = total["op+add+ln"] / (total["op"] + out["floor_extra"])
+    return out
+
+
+@pytest.mark.parametrize("case", [SPLIT_CASE], ids=lambda c: "N{}-d{}-r{}".format(*c))
+def test_adapter_layernorm_split(benchmark, case):
+    n, d, rk = case
+    tensors = _inputs(n, d, rk)
+    sites = [p for p in _providers(rk) if p not in ("eager", "compile", "op+add+ln", "gemms")]
+    fns = _split_callables(tensors, sites)
+
+    def run():
+        with torch.enable_grad():
+            iters = bench.iterations(fns["op bwd"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
+            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if DEVICE == "cuda" else "9"))
+            return bench.interleaved(fns, DEVICE, rounds, iters)
+
+    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
+        N=n, d=d, r=rk, activation="gelu (houlsby site)", mode="split", results=results, split=split(results, sites),
     )  # fmt: skip

@@ -5,7 +5,7 @@
 Per case: median time of each provider, speedup over eager and over torch.compile,
 for CPU runs the median minor page faults per call, and for GPU runs the achieved
 bandwidth (minimal bytes / median time) as a fraction of a device copy timed in the
-same run.
+same run. The adapter site's split (forward and backward apart) as a table of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +27,28 @@ def model_rows(data: dict):
         for name, r in res.items():
             yield (info["mode"], f"transformers {info.get('transformers', '?')}", name, f"{r['median_s'] * 1e3:.1f}",
                    f"{r['median_s'] / floor:.3f}x")  # fmt: skip
+
+
+def split_rows(data: dict):
+    """Lines of the site's split (bench_adapter_layernorm.py::test_adapter_layernorm_split):
+    forward, backward and total ms per provider, its extra over the adapter op, op+add+ln's
+    time over its own, and the floor of a site's extra."""
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        sp = info.get("split")
+        if not sp:
+            continue
+        case = f"N={info['N']} d={info['d']} r={info['r']} {info['dtype']}"
+        yield "| case | provider | fwd ms | bwd ms | total ms | extra over op ms | op+add+ln / provider |"
+        yield "|---|---|---|---|---|---|---|"
+        for p, total in sp["total"].items():
+            extra = f"{sp['extra_over_op'][p]:+.3f}" if p in sp["extra_over_op"] else ""
+            ratio = f"{sp['total']['op+add+ln'] / total:.3f}x" if p != "op" else ""
+            yield f"| {case} | {p} | {sp['fwd'][p]:.3f} | {sp['bwd'][p]:.3f} | {total:.3f} | {extra} | {ratio} |"
+        yield (
+            f"\nFloor of a site's extra over the adapter op (one copy and one read of N x d): "
+            f"{sp['floor_extra']:.3f} ms; op+add+ln over (op + that floor): {sp['vs_op_add_ln_at_floor']:.3f}x."
+        )
 
 
 def cpu_name(cpu: dict) -> str:
@@ -52,6 +74,7 @@ def table(paths) -> str:
         cases = [b["extra_info"] for b in data["benchmarks"] if "eager" in b["extra_info"]["results"]]
         if cases:
             out.append(bench.markdown(cases))
+        out.extend(split_rows(data))
         model = list(model_rows(data))
         if model:
             out.append("")
