@@ -74,7 +74,10 @@ def table(paths) -> str:
         cases = [b["extra_info"] for b in data["benchmarks"] if "eager" in b["extra_info"]["results"]]
         if cases:
             out.append(bench.markdown(cases))
-        out.extend(split_rows(data))
+        split = list(split_rows(data))
+        if split:
+            out.append("")
+            out.extend(split)
         model = list(model_rows(data))
         if model:
             out.append("")
