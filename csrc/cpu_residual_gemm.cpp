@@ -227,15 +227,15 @@ struct Rows {
   float* o[kMR];
 };
 
-// R + R2 (either may be null) for 8 columns, masked or not
-FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2) {
-  const __m256 a = r ? _mm256_loadu_ps(r) : _mm256_setzero_ps();
-  return r2 ? _mm256_add_ps(a, _mm256_loadu_ps(r2)) : a;
+// R + R2 (either may be null) for 8 columns, with Masked only the lanes of mask
+template <bool Masked>
+FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2, __m256i mask) {
+  const __m256 a = r ? load8<Masked>(r, mask) : _mm256_setzero_ps();
+  return r2 ? _mm256_add_ps(a, load8<Masked>(r2, mask)) : a;
 }
 
-FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2, __m256i mask) {
-  const __m256 a = r ? _mm256_maskload_ps(r, mask) : _mm256_setzero_ps();
-  return r2 ? _mm256_add_ps(a, _mm256_maskload_ps(r2, mask)) : a;
+FA_AVX2_INLINE inline __m256 residual(const float* r, const float* r2) {
+  return residual<false>(r, r2, _mm256_setzero_si256());
 }
 
 
@@ -300,7 +300,7 @@ FA_AVX2 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* B,
     const __m256i mask = lanes8(cols - 8 * v);
     const __m256 e = c ? _mm256_maskload_ps(c + 8 * v, mask) : _mm256_setzero_ps();
     for (int64_t i = 0; i < mr; ++i) {
-      const __m256 rv = residual(m.r[i] ? m.r[i] + 8 * v : nullptr, m.r2[i] ? m.r2[i] + 8 * v : nullptr, mask);
+      const __m256 rv = residual<true>(m.r[i] ? m.r[i] + 8 * v : nullptr, m.r2[i] ? m.r2[i] + 8 * v : nullptr, mask);
       _mm256_maskstore_ps(m.o[i] + 8 * v, mask, _mm256_fmadd_ps(vs, _mm256_add_ps(acc[i][v], e), rv));
     }
   }
@@ -331,28 +331,29 @@ FA_AVX2 void micro_6x16_long(const float* const* a, const float* B, int64_t k, f
   }
 }
 
-// out row i = R row i + R2 row i + s * (acc row i + c), columns [j, j + cols), for the rows of a tile
+// out row i = R row i + R2 row i + s * (acc row i + c) for the 8 columns [j + v, j + v + 8)
+// of the rows of a tile, with Masked only the lanes of mask
+template <bool Masked>
+FA_AVX2_INLINE inline void epilogue_vector(int64_t rows, int64_t v, __m256i mask, const float* acc,
+                                           const float* const* r_row, const float* const* r2_row, float* const* o_row,
+                                           int64_t j, const float* c, __m256 vs) {
+  const __m256 e = c ? load8<Masked>(c + v, mask) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m256 rv = residual<Masked>(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr, mask);
+    const __m256 t = _mm256_add_ps(_mm256_load_ps(acc + i * kNR + v), e);
+    store8<Masked>(o_row[i] + j + v, mask, _mm256_fmadd_ps(vs, t, rv));
+  }
+}
+
+// columns [j, j + cols) of the rows of a tile: plain loads and stores for whole vectors (a
+// masked store is slow on Zen), a mask for the last partial one
 FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row,
                            const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
   const __m256 vs = _mm256_set1_ps(s);
   int64_t v = 0;
-  for (; v + 8 <= cols; v += 8) {  // whole vectors: plain loads and stores (a masked store is slow on Zen)
-    const __m256 e = c ? _mm256_loadu_ps(c + v) : _mm256_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m256 rv = residual(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr);
-      const __m256 t = _mm256_add_ps(_mm256_load_ps(acc + i * kNR + v), e);
-      _mm256_storeu_ps(o_row[i] + j + v, _mm256_fmadd_ps(vs, t, rv));
-    }
-  }
-  if (v < cols) {
-    const __m256i mask = lanes8(cols - v);
-    const __m256 e = c ? _mm256_maskload_ps(c + v, mask) : _mm256_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m256 rv = residual(r_row[i] ? r_row[i] + j + v : nullptr, r2_row[i] ? r2_row[i] + j + v : nullptr, mask);
-      const __m256 t = _mm256_add_ps(_mm256_load_ps(acc + i * kNR + v), e);
-      _mm256_maskstore_ps(o_row[i] + j + v, mask, _mm256_fmadd_ps(vs, t, rv));
-    }
-  }
+  for (; v + 8 <= cols; v += 8)
+    epilogue_vector<false>(rows, v, _mm256_setzero_si256(), acc, r_row, r2_row, o_row, j, c, vs);
+  if (v < cols) epilogue_vector<true>(rows, v, lanes8(cols - v), acc, r_row, r2_row, o_row, j, c, vs);
 }
 
 
