@@ -318,9 +318,8 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   const BackwardNeeds want = backward_needs(needs, b_down.has_value(), b_up.has_value());
   TORCH_CHECK(dout_in.dim() == 2 && v_in.sizes() == dout_in.sizes() && u_in.sizes() == dout_in.sizes(),
               "fastadapter cpp: dout, u and v must be [N, d]");
-  const bool need_dz = want.dz;
   const int64_t n = dout_in.size(0), d = dout_in.size(1), rk = w_down.size(0);
-  if (!need_dz || !runs_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
+  if (!want.dz || !runs_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
     return {};
 #if FASTADAPTER_HAVE_AVX2_ROWS
   const at::Tensor dout = unit_columns(dout_in), v = unit_columns(v_in);
@@ -331,31 +330,29 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   // db_up = s * sum(dv) from the prologue's sums of each tile's rows, formed while they are
   // in cache, not in a pass of its own over dv; the tiles are fixed, so the sum does not
   // depend on the thread count
-  const bool need_dbu = want.dbu;
   at::Tensor col_sums, dbu;
-  if (need_dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
+  if (want.dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
   // Where du is needed, da and du = (dv) + dz W_d run as one chain of products tile by
   // tile, dz and a formed between them: du's product reads its rows of dv and dz from
   // cache. Else da alone, and the adapter backward from it.
   const bool chain = want.dx && activation_rows_available(rk);
-  const bool need_dwu = want.dwu;
   at::Tensor du, a;
   if (chain) {
     du = at::empty({n, d}, dout.options());
-    if (need_dwu) a = at::empty({n, rk}, dout.options());
+    if (want.dwu) a = at::empty({n, rk}, dout.options());
   }
   if (n > 0) {
     // da = dv W_u, each tile's rows of dv formed first by the prologue
     LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
                   rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>(),
-                  need_dbu ? col_sums.data_ptr<float>() : nullptr};
+                  want.dbu ? col_sums.data_ptr<float>() : nullptr};
     ResidualGemm gemm{n, rk, d, dv.data_ptr<float>(), d, wu.data_ptr<float>(), rk, 1, nullptr, 0, nullptr, 1.0f,
                       da.data_ptr<float>(), rk};
     gemm.rows_ready = ln_backward_hook;
     gemm.ready_ctx = &ln;
     if (chain) {
       const at::Tensor zc = z.to(at::kFloat).contiguous(), wd = w_down.to(at::kFloat).contiguous();
-      ActBackRows act{rk, zc.data_ptr<float>(), da.data_ptr<float>(), need_dwu ? a.data_ptr<float>() : nullptr,
+      ActBackRows act{rk, zc.data_ptr<float>(), da.data_ptr<float>(), want.dwu ? a.data_ptr<float>() : nullptr,
                       activation, static_cast<float>(scaling)};
       ResidualGemm dug{n, d, rk, da.data_ptr<float>(), rk, wd.data_ptr<float>(), d, 1,
                        residual_is_x ? dv.data_ptr<float>() : nullptr, d, nullptr, 1.0f, du.data_ptr<float>(), d};
@@ -364,7 +361,7 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
       TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
     }
   }
-  if (need_dbu) {
+  if (want.dbu) {
     dbu = tile_sums_total(col_sums, scaling);
     needs[4] = false;
   }
@@ -378,7 +375,7 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
     grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up, activation, scaling,
                                          residual_is_x, std::move(needs));
   }
-  if (need_dbu) grads[4] = dbu;
+  if (want.dbu) grads[4] = dbu;
   grads.insert(grads.begin(), dv);
   return grads;
 #else
