@@ -142,9 +142,8 @@ def _split_callables(tensors, sites):
         fns[f"{name} bwd"] = lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
 
     add("op", lambda: fa.fused_adapter(h, wd, bd, wu, bu, activation="gelu"), [h, wd, bd, wu, bu])
-    add("op+add+ln", lambda: op_add_ln(*tensors), trainable)
-    for name in sites:
-        add(name, lambda name=name: _callable(name, tensors, "fwd")(), trainable)
+    for name in ("op+add+ln", *sites):
+        add(name, _callable(name, tensors, "fwd"), trainable)
     src, dst = r.detach(), torch.empty_like(r)
     fns["copy"] = lambda: dst.copy_(src)
     fns["read"] = lambda: src.sum()
