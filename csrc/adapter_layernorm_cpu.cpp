@@ -23,6 +23,7 @@
 #include <cmath>
 
 #include "adapter_cpu.h"
+#include "cpu_avx2.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
 
@@ -38,13 +39,6 @@ namespace fastadapter {
 namespace {
 
 #if FASTADAPTER_HAVE_AVX2_ROWS
-
-FA_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The row sums below run four accumulators of 8 lanes (32 floats per step), not one: a
 // single chain of adds or FMAs waits their latency on every vector of the row.
@@ -245,12 +239,94 @@ void act_back_rows_hook(void* ctx, int64_t row0, int64_t row1) {
   activation_backward_rows(row0, row1, c.r, c.z, c.r, c.da, c.r, c.act, c.s, c.a, c.r, c.da, c.r);
 }
 
-bool runs_here(const at::Tensor& h, int64_t r) {
+}  // namespace
+
+bool site_kernels_run_here(const at::Tensor& h, int64_t r) {
   return FASTADAPTER_HAVE_AVX2_ROWS && h.scalar_type() == at::kFloat && residual_gemm_available(true) &&
          r >= kResidualGemmMin && h.size(1) >= kResidualGemmMin;
 }
 
-}  // namespace
+void site_forward_products(ResidualGemm& down, ResidualGemm& up, int64_t activation) {
+  const int64_t rk = down.d;
+  ActRows act{rk, down.out, const_cast<float*>(up.a), activation};
+  if (!activation_rows_available(rk) || !residual_gemm_chain(down, act_rows_hook, &act, up)) {
+    TORCH_INTERNAL_ASSERT(residual_gemm(down));
+    if (!activation_forward_pass(down.n, rk, down.out, rk, const_cast<float*>(up.a), rk, activation)) {
+      at::Tensor z = at::from_blob(down.out, {down.n, rk}), a = at::from_blob(const_cast<float*>(up.a), {down.n, rk});
+      activation_out_aten(a, z, activation);
+    }
+    TORCH_INTERNAL_ASSERT(residual_gemm(up));
+  }
+}
+
+at::Tensor tile_sums_buffer(int64_t n, int64_t d, bool wanted, const at::TensorOptions& options) {
+  if (!wanted) return at::Tensor();
+  return at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, options);
+}
+
+std::vector<at::Tensor> site_adapter_backward_cpu(void (*prologue)(void* ctx, int64_t row0, int64_t row1), void* ctx,
+                                                  const at::Tensor& dv, const at::Tensor& col_sums, const at::Tensor& u,
+                                                  const at::Tensor& z, const at::Tensor& w_down,
+                                                  const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                  const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                  double scaling, bool residual_is_x, std::vector<bool> needs) {
+  const BackwardNeeds want = backward_needs(needs, b_down.has_value(), b_up.has_value());
+  const int64_t n = dv.size(0), d = dv.size(1), rk = w_down.size(0);
+  TORCH_CHECK(want.dz && site_kernels_run_here(u, rk), "fastadapter cpp: site_adapter_backward_cpu does not run here");
+#if FASTADAPTER_HAVE_AVX2_ROWS
+  const at::Tensor wu = w_up.to(at::kFloat).contiguous();
+  at::Tensor da = at::empty({n, rk}, dv.options());
+  // db_up = s * sum(dv) from the prologue's sums of each tile's rows, formed while they are
+  // in cache, not in a pass of its own over dv; the tiles are fixed, so the sum does not
+  // depend on the thread count
+  at::Tensor dbu;
+  // Where du is needed, da and du = (dv) + dz W_d run as one chain of products tile by
+  // tile, dz and a formed between them: du's product reads its rows of dv and dz from
+  // cache. Else da alone, and the adapter backward from it.
+  const bool chain = want.dx && activation_rows_available(rk);
+  at::Tensor du, a;
+  if (chain) {
+    du = at::empty({n, d}, dv.options());
+    if (want.dwu) a = at::empty({n, rk}, dv.options());
+  }
+  if (n > 0) {
+    // da = dv W_u, each tile's rows of dv formed first by the prologue
+    ResidualGemm gemm{n, rk, d, dv.data_ptr<float>(), d, wu.data_ptr<float>(), rk, 1, nullptr, 0, nullptr, 1.0f,
+                      da.data_ptr<float>(), rk};
+    gemm.rows_ready = prologue;
+    gemm.ready_ctx = ctx;
+    if (chain) {
+      const at::Tensor zc = z.to(at::kFloat).contiguous(), wd = w_down.to(at::kFloat).contiguous();
+      ActBackRows act{rk, zc.data_ptr<float>(), da.data_ptr<float>(), want.dwu ? a.data_ptr<float>() : nullptr,
+                      activation, static_cast<float>(scaling)};
+      ResidualGemm dug{n, d, rk, da.data_ptr<float>(), rk, wd.data_ptr<float>(), d, 1,
+                       residual_is_x ? dv.data_ptr<float>() : nullptr, d, nullptr, 1.0f, du.data_ptr<float>(), d};
+      TORCH_INTERNAL_ASSERT(residual_gemm_chain(gemm, act_back_rows_hook, &act, dug));
+    } else {
+      TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
+    }
+  }
+  if (want.dbu) {
+    dbu = tile_sums_total(col_sums, scaling);
+    needs[4] = false;
+  }
+  std::vector<at::Tensor> grads;
+  if (chain) {  // da is dz now
+    needs[0] = false;
+    grads = adapter_backward_from_dz_cpu(da, a, dv, u, z, w_down, b_down, w_up, b_up, activation, scaling,
+                                         residual_is_x, std::move(needs));
+    grads[0] = du;
+  } else {
+    grads = adapter_backward_from_da_cpu(da, dv, u, z, w_down, b_down, w_up, b_up, activation, scaling,
+                                         residual_is_x, std::move(needs));
+  }
+  if (want.dbu) grads[4] = dbu;
+  grads.insert(grads.begin(), dv);
+  return grads;
+#else
+  return {};
+#endif
+}
 
 std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, const at::Tensor& r_in, const at::Tensor& w_down,
                                                       const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
@@ -261,7 +337,7 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   TORCH_CHECK(h_in.dim() == 2 && r_in.sizes() == h_in.sizes(), "fastadapter cpp: the site takes h and r [N, d]");
   TORCH_CHECK(placement >= 0 && placement <= 2, "fastadapter cpp: placement must be 0, 1 or 2, got ", placement);
   const int64_t n = h_in.size(0), d = h_in.size(1), rk = w_down.size(0);
-  if (!runs_here(h_in, rk) || r_in.scalar_type() != at::kFloat) return {};
+  if (!site_kernels_run_here(h_in, rk) || r_in.scalar_type() != at::kFloat) return {};
 #if FASTADAPTER_HAVE_AVX2_ROWS
   const at::Tensor h = unit_columns(h_in), r = unit_columns(r_in);
   const at::Tensor wd = w_down.to(at::kFloat).contiguous(), wu = w_up.to(at::kFloat).contiguous();
@@ -295,13 +371,7 @@ std::vector<at::Tensor> adapter_layernorm_forward_cpu(const at::Tensor& h_in, co
   }
   up.rows_done = ln_rows;
   up.ctx = &ln;
-  ActRows act{rk, z.data_ptr<float>(), a.data_ptr<float>(), activation};
-  if (!activation_rows_available(rk) || !residual_gemm_chain(down, act_rows_hook, &act, up)) {
-    TORCH_INTERNAL_ASSERT(residual_gemm(down));
-    if (!activation_forward_pass(n, rk, z.data_ptr<float>(), rk, a.data_ptr<float>(), rk, activation))
-      activation_out_aten(a, z, activation);
-    TORCH_INTERNAL_ASSERT(residual_gemm(up));
-  }
+  site_forward_products(down, up, activation);
   return {out, z, v, mean, rstd, mean_t, rstd_t};
 #else
   return {};
@@ -319,65 +389,19 @@ std::vector<at::Tensor> adapter_layernorm_backward_cpu(const at::Tensor& dout_in
   TORCH_CHECK(dout_in.dim() == 2 && v_in.sizes() == dout_in.sizes() && u_in.sizes() == dout_in.sizes(),
               "fastadapter cpp: dout, u and v must be [N, d]");
   const int64_t n = dout_in.size(0), d = dout_in.size(1), rk = w_down.size(0);
-  if (!want.dz || !runs_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
+  if (!want.dz || !site_kernels_run_here(u_in, rk) || dout_in.scalar_type() != at::kFloat || v_in.scalar_type() != at::kFloat)
     return {};
 #if FASTADAPTER_HAVE_AVX2_ROWS
   const at::Tensor dout = unit_columns(dout_in), v = unit_columns(v_in);
   const at::Tensor mu = mean.to(at::kFloat).contiguous(), rs = rstd.to(at::kFloat).contiguous();
-  const at::Tensor wu = w_up.to(at::kFloat).contiguous();
   const auto lw = fp32(ln_weight);
-  at::Tensor dv = at::empty({n, d}, dout.options()), da = at::empty({n, rk}, dout.options());
-  // db_up = s * sum(dv) from the prologue's sums of each tile's rows, formed while they are
-  // in cache, not in a pass of its own over dv; the tiles are fixed, so the sum does not
-  // depend on the thread count
-  at::Tensor col_sums, dbu;
-  if (want.dbu) col_sums = at::zeros({(n + kResidualGemmTileRows - 1) / kResidualGemmTileRows, d}, dout.options());
-  // Where du is needed, da and du = (dv) + dz W_d run as one chain of products tile by
-  // tile, dz and a formed between them: du's product reads its rows of dv and dz from
-  // cache. Else da alone, and the adapter backward from it.
-  const bool chain = want.dx && activation_rows_available(rk);
-  at::Tensor du, a;
-  if (chain) {
-    du = at::empty({n, d}, dout.options());
-    if (want.dwu) a = at::empty({n, rk}, dout.options());
-  }
-  if (n > 0) {
-    // da = dv W_u, each tile's rows of dv formed first by the prologue
-    LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
-                  rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>(),
-                  want.dbu ? col_sums.data_ptr<float>() : nullptr};
-    ResidualGemm gemm{n, rk, d, dv.data_ptr<float>(), d, wu.data_ptr<float>(), rk, 1, nullptr, 0, nullptr, 1.0f,
-                      da.data_ptr<float>(), rk};
-    gemm.rows_ready = ln_backward_hook;
-    gemm.ready_ctx = &ln;
-    if (chain) {
-      const at::Tensor zc = z.to(at::kFloat).contiguous(), wd = w_down.to(at::kFloat).contiguous();
-      ActBackRows act{rk, zc.data_ptr<float>(), da.data_ptr<float>(), want.dwu ? a.data_ptr<float>() : nullptr,
-                      activation, static_cast<float>(scaling)};
-      ResidualGemm dug{n, d, rk, da.data_ptr<float>(), rk, wd.data_ptr<float>(), d, 1,
-                       residual_is_x ? dv.data_ptr<float>() : nullptr, d, nullptr, 1.0f, du.data_ptr<float>(), d};
-      TORCH_INTERNAL_ASSERT(residual_gemm_chain(gemm, act_back_rows_hook, &act, dug));
-    } else {
-      TORCH_INTERNAL_ASSERT(residual_gemm(gemm));
-    }
-  }
-  if (want.dbu) {
-    dbu = tile_sums_total(col_sums, scaling);
-    needs[4] = false;
-  }
-  std::vector<at::Tensor> grads;
-  if (chain) {  // da is dz now
-    needs[0] = false;
-    grads = adapter_backward_from_dz_cpu(da, a, dv, u_in, z, w_down, b_down, w_up, b_up, activation, scaling,
-                                         residual_is_x, std::move(needs));
-    grads[0] = du;
-  } else {
-    grads = adapter_backward_from_da_cpu(da, dv, u_in, z, w_down, b_down, w_up, b_up, activation, scaling,
-                                         residual_is_x, std::move(needs));
-  }
-  if (want.dbu) grads[4] = dbu;
-  grads.insert(grads.begin(), dv);
-  return grads;
+  at::Tensor dv = at::empty({n, d}, dout.options());
+  const at::Tensor col_sums = tile_sums_buffer(n, d, want.dbu, dout.options());
+  LnBackRows ln{dout.data_ptr<float>(), dout.stride(0), v.data_ptr<float>(), v.stride(0), mu.data_ptr<float>(),
+                rs.data_ptr<float>(), lw ? lw->data_ptr<float>() : nullptr, d, dv.data_ptr<float>(),
+                want.dbu ? col_sums.data_ptr<float>() : nullptr};
+  return site_adapter_backward_cpu(ln_backward_hook, &ln, dv, col_sums, u_in, z, w_down, b_down, w_up, b_up, activation,
+                                   scaling, residual_is_x, std::move(needs));
 #else
   return {};
 #endif

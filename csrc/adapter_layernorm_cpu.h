@@ -7,7 +7,35 @@
 
 #include <vector>
 
+#include "cpu_residual_gemm.h"
+
 namespace fastadapter {
+
+// The decoder site (adapter_rmsnorm_cpu.cpp) runs on the same pieces:
+// whether the fused site kernels run for h (fp32, the AVX2 kernel, r and d >= 8);
+bool site_kernels_run_here(const at::Tensor& h, int64_t r);
+
+// z = down's product, a = act(z) into up's A, then up's product (its epilogue and row
+// hooks as the caller set them), tile by tile where the activation rows run, else in three
+// passes; down.out is z [n, r] and up.a is a [n, r], both contiguous;
+void site_forward_products(ResidualGemm& down, ResidualGemm& up, int64_t activation);
+
+// where db_up is wanted, the zeroed per-tile column sums [tiles, d] that a backward
+// prologue adds its rows of dv into (undefined otherwise);
+at::Tensor tile_sums_buffer(int64_t n, int64_t d, bool wanted, const at::TensorOptions& options);
+
+// and the adapter backward from dv (fp32 [N, d], contiguous), whose rows `prologue(ctx,
+// row0, row1)` forms tile by tile (and adds into col_sums) right before the da = dv W_up
+// product reads them: dz and du = (dv) + dz W_d chained after it where du is needed, then
+// the rest of the adapter backward with dy = dv and x = u. Returns {dv, du, dw_down,
+// db_down, dw_up, db_up} (undefined where not needed). Only where site_kernels_run_here(u,
+// r) and some gradient needs dz.
+std::vector<at::Tensor> site_adapter_backward_cpu(void (*prologue)(void* ctx, int64_t row0, int64_t row1), void* ctx,
+                                                  const at::Tensor& dv, const at::Tensor& col_sums, const at::Tensor& u,
+                                                  const at::Tensor& z, const at::Tensor& w_down,
+                                                  const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                  const c10::optional<at::Tensor>& b_up, int64_t activation,
+                                                  double scaling, bool residual_is_x, std::vector<bool> needs);
 
 // placement: 0 houlsby (u = h), 1 parallel (u = r), 2 pfeiffer (u = LN(h + r), the sum
 // and its LayerNorm by ATen first). Returns {out, z, v, mean, rstd, mean_t, rstd_t}, v the

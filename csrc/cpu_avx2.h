@@ -17,6 +17,14 @@ __attribute__((target("avx2,fma"))) inline __m256i lanes8(int64_t n) {
 // 8 floats at p, or with Masked only the lanes of m (the others read as 0 and left
 // unwritten): plain loads and stores for whole vectors (a masked store is slow on Zen),
 // a mask for a row's last partial one
+// the sum of the 8 lanes of v
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 template <bool Masked>
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p, __m256i m) {
   if constexpr (Masked) return _mm256_maskload_ps(p, m);
