@@ -24,6 +24,7 @@ if os.environ.get("FASTADAPTER_BUILD_EXT", "0") == "1":
         "csrc/binding.cpp",
         "csrc/adapter_cpu.cpp",
         "csrc/adapter_layernorm_cpu.cpp",
+        "csrc/adapter_rmsnorm_cpu.cpp",
         "csrc/cpu_activation.cpp",
         "csrc/cpu_residual_gemm.cpp",
         "csrc/cpu_weight_grad.cpp",

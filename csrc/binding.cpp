@@ -5,6 +5,7 @@
 
 #include "adapter_cpu.h"
 #include "adapter_layernorm_cpu.h"
+#include "adapter_rmsnorm_cpu.h"
 #include "cpu_activation.h"
 #include "cpu_residual_gemm.h"
 #include "mixed_adapter_cpu.h"
@@ -20,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adapter_layernorm_forward_cpu", &fastadapter::adapter_layernorm_forward_cpu);
   m.def("layernorm_backward_input_cpu", &fastadapter::layernorm_backward_input_cpu);
   m.def("adapter_layernorm_backward_cpu", &fastadapter::adapter_layernorm_backward_cpu);
+  m.def("adapter_rmsnorm_forward_cpu", &fastadapter::adapter_rmsnorm_forward_cpu);
+  m.def("adapter_rmsnorm_backward_cpu", &fastadapter::adapter_rmsnorm_backward_cpu);
   m.def("mixed_adapter_forward_cpu", &fastadapter::mixed_adapter_forward_cpu);
   m.def("mixed_adapter_backward_cpu", &fastadapter::mixed_adapter_backward_cpu);
   m.def("avx512_kernels", []() {

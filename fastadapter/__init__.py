@@ -1,4 +1,4 @@
-"""fastadapter: fused bottleneck adapters for BERT-family fine-tuning."""
+"""fastadapter: fused bottleneck adapters for fine-tuning BERT-family encoders and decoder LLMs."""
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ from .hf import (
 from .modules import FusedAdapter
 from .ops.adapter import fused_adapter
 from .ops.adapter_layernorm import adapter_layernorm
+from .ops.adapter_rmsnorm import adapter_rmsnorm
 from .ops.mixed_adapter import mixed_adapter, stack_adapters
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "active_adapter",
     "adapter_configs",
     "adapter_layernorm",
+    "adapter_rmsnorm",
     "adapter_routing",
     "adapter_state_dict",
     "add_adapters",

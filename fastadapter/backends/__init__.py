@@ -134,6 +134,8 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, r: in
     reason = _REGISTRY[name].check(device, dtype, r)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} (from {source}) cannot run on {device} with {dtype}: {reason}")
+    if op != "adapter" and op not in _REGISTRY[name].ops:
+        raise RuntimeError(f"backend {name!r} (from {source}) has no implementation of {op}")
     return name
 
 

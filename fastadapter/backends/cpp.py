@@ -205,6 +205,63 @@ def _cpu_site_backward(dout, h, r, z, v, mean, rstd, mean_t, rstd_t, w_down, b_d
 register_op("adapter_layernorm", "cpp", _cpu_site_forward, _cpu_site_backward, keeps_ln_input=True)
 
 
+# --------------------------------------------------------------------------- adapter_rmsnorm on the CPU
+
+
+def _cpu_rms_site_forward(h, r, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation, scaling):
+    """fp32 with the AVX2 kernel (r >= 8): csrc/adapter_rmsnorm_cpu.cpp, the residual adds
+    and the RMSNorm in the up-projection's epilogue. Elsewhere y by the cpp adapter kernels
+    with h + r as their residual, then the RMSNorm in ATen ops (float64: the reference)."""
+    from .reference import accumulation_dtype, rms_site_forward, rms_site_forward_with
+
+    if accumulation_dtype(h.dtype) != torch.float32:
+        return rms_site_forward(h, r, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation, scaling)
+    if h.dtype == torch.float32:
+        fused = _module().adapter_rmsnorm_forward_cpu(
+            h, r, w_down, b_down, w_up, b_up, norm_weight, PLACEMENT_INDEX[placement], float(eps), ACT_INDEX[activation],
+            float(scaling),
+        )  # fmt: skip
+        if fused:
+            return tuple(fused)
+    return rms_site_forward_with(_forward("cpu"), h, r, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation,
+                                 scaling)  # fmt: skip
+
+
+def _cpu_rms_site_backward(dy, dn, h, r, y, z, rstd, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation,
+                           scaling, needs):  # fmt: skip
+    """fp32 with the AVX2 kernel: one C++ call (csrc/adapter_rmsnorm_cpu.cpp) forms dv = dy +
+    RMSNorm'(dn) tile by tile in the prologue of the da = dv W_up product and runs the
+    adapter backward from it, du = dv + the adapter's own in one GEMM epilogue; the norm
+    weight's gradient, where asked for, by ATen. Elsewhere dv in ATen ops, then the cpp
+    adapter backward."""
+    from .reference import (
+        accumulation_dtype,
+        rms_norm_weight_grad,
+        rms_site_backward_with,
+        rms_site_input,
+        rms_site_input_grads,
+    )
+
+    need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dnw = needs
+    fused = None
+    if accumulation_dtype(y.dtype) == torch.float32:
+        u = rms_site_input(h, r, placement)
+        need_du = {"houlsby": need_dh, "parallel": need_dr}.get(placement, need_dh or need_dr)
+        fused = _module().adapter_rmsnorm_backward_cpu(
+            dy, dn, u, y, z, rstd, w_down, b_down, w_up, b_up, norm_weight, ACT_INDEX[activation], float(scaling),
+            [need_du, need_dwd, need_dbd, need_dwu, need_dbu],
+        )  # fmt: skip
+    if not fused:
+        return rms_site_backward_with(_backward("cpu"), dy, dn, h, r, y, z, rstd, w_down, b_down, w_up, b_up, norm_weight,
+                                      placement, eps, activation, scaling, needs)  # fmt: skip
+    dv, du, dwd, dbd, dwu, dbu = fused
+    dnw = rms_norm_weight_grad(dn, y, rstd) if need_dnw else None
+    return (*rms_site_input_grads(placement, dv, du, need_dh, need_dr), dwd, dbd, dwu, dbu, dnw)
+
+
+register_op("adapter_rmsnorm", "cpp", _cpu_rms_site_forward, _cpu_rms_site_backward)
+
+
 # --------------------------------------------------------------------------- mixed_adapter on the CPU
 
 
@@ -235,6 +292,25 @@ def _reference_site_backward(*args):
     return site_backward(*args)
 
 
+def _reference_rms_site_forward(*args):
+    from .reference import rms_site_forward
+
+    return rms_site_forward(*args)
+
+
+def _reference_rms_site_backward(*args):
+    from .reference import rms_site_backward
+
+    return rms_site_backward(*args)
+
+
+register_op(
+    "adapter_rmsnorm",
+    "cuda",
+    _reference_rms_site_forward,
+    _reference_rms_site_backward,
+    composition="the reference composition in PyTorch ops (no fused CUDA kernel for the adapter + RMSNorm site)",
+)
 register_op(
     "adapter_layernorm", "cuda", _reference_site_forward, _reference_site_backward,
     composition="the reference composition in PyTorch ops (no fused CUDA kernel for the adapter + LayerNorm site)",

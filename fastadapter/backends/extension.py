@@ -28,8 +28,8 @@ import torch
 logger = logging.getLogger("fastadapter")
 
 CPU_SOURCES = (
-    "binding.cpp", "adapter_cpu.cpp", "adapter_layernorm_cpu.cpp", "cpu_activation.cpp", "cpu_residual_gemm.cpp",
-    "cpu_weight_grad.cpp", "mixed_adapter_cpu.cpp",
+    "binding.cpp", "adapter_cpu.cpp", "adapter_layernorm_cpu.cpp", "adapter_rmsnorm_cpu.cpp", "cpu_activation.cpp",
+    "cpu_residual_gemm.cpp", "cpu_weight_grad.cpp", "mixed_adapter_cpu.cpp",
 )  # fmt: skip
 CUDA_SOURCES = ("adapter_cuda.cu", "adapter_cuda_binding.cpp")
 

@@ -179,6 +179,110 @@ def site_backward(*args):
 register_op("adapter_layernorm", "reference", site_forward, site_backward, keeps_ln_input=True)
 
 
+# ----------------------------------------------------------------------------- adapter_rmsnorm
+
+
+def rms_site_input(h, r, placement):
+    """The adapter's input u at a decoder site: h (houlsby), r (parallel) or h + r rounded to
+    h's dtype (pfeiffer, as a model adds them)."""
+    if placement == "houlsby":
+        return h
+    if placement == "parallel":
+        return r
+    return (h.to(accumulation_dtype(h.dtype)) + r).to(h.dtype)
+
+
+def rms_norm(y, weight, eps):
+    """(y_normed, rstd) in Llama's convention: statistics of y in the accumulation dtype,
+    y * rstd rounded to y's dtype, then the product with the weight rounded to it."""
+    acc = accumulation_dtype(y.dtype)
+    ya = y.to(acc)
+    rstd = torch.rsqrt(ya.pow(2).mean(-1) + eps)
+    y_hat = (ya * rstd[:, None]).to(y.dtype)
+    out = y_hat if weight is None else (weight.to(acc) * y_hat.to(acc)).to(y.dtype)
+    return out, rstd
+
+
+def rms_site_forward_with(adapter_forward, h, r, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation,
+                          scaling):  # fmt: skip
+    """(y, y_normed, z, rstd): y = h + r + s * f(u) by ``adapter_forward`` (a backend's
+    adapter-op forward) on operands rounded to h's dtype and widened, with h + r as its
+    residual, rounded once to h's dtype; then its RMSNorm."""
+    dtype, acc = h.dtype, accumulation_dtype(h.dtype)
+    u = rms_site_input(h, r, placement)
+    u, wd, wu = (t.to(dtype).to(acc) for t in (u, w_down, w_up))
+    bd, bu = (None if t is None else t.to(acc) for t in (b_down, b_up))
+    y, z = adapter_forward(u, wd, bd, wu, bu, h.to(acc) + r.to(acc), activation, scaling, False)
+    y = y.to(dtype)
+    y_normed, rstd = rms_norm(y, norm_weight, eps)
+    return y, y_normed, z, rstd
+
+
+def rms_site_forward(*args):
+    return rms_site_forward_with(forward, *args)
+
+
+def rms_norm_weight_grad(dn, y, rstd):
+    """The norm weight's gradient: the sum over rows of dn * y_hat, y_hat = y * rstd rounded
+    to y's dtype as in the forward, in rstd's dtype."""
+    acc = rstd.dtype
+    return (dn.to(acc) * (y.to(acc) * rstd[:, None]).to(y.dtype).to(acc)).sum(0)
+
+
+def rms_norm_backward(dy, dn, y, rstd, weight, need_dweight):
+    """(dv, dweight): the gradient of the stream y from both outputs, dy + RMSNorm'(dn), in
+    the accumulation dtype, and the norm weight's (sum over rows of dn * y_hat, y_hat rounded
+    as in the forward). dy or dn may be empty [0]."""
+    acc = rstd.dtype
+    if dn.dim() != 2:  # y_normed did not reach the loss
+        return dy.to(acc, copy=True), (torch.zeros(y.shape[-1], dtype=acc, device=y.device) if need_dweight else None)
+    g = dn.to(acc)
+    y_hat = y.to(acc) * rstd[:, None]
+    dweight = rms_norm_weight_grad(dn, y, rstd) if need_dweight else None
+    gw = g if weight is None else g * weight.to(acc)
+    dv = rstd[:, None] * (gw - y_hat * (gw * y_hat).mean(-1, keepdim=True))
+    if dy.dim() == 2:
+        dv = dv + dy.to(acc)
+    return dv, dweight
+
+
+def rms_site_backward_with(adapter_backward, dy, dn, h, r, y, z, rstd, w_down, b_down, w_up, b_up, norm_weight,
+                           placement, eps, activation, scaling, needs):  # fmt: skip
+    """The site's backward: dv from the RMSNorm's backward (torch ops here), then
+    ``adapter_backward`` (a backend's adapter-op backward) with dy = dv, x = u and x as its
+    residual, which gives dv + du for the adapter's input in one step; the other input's
+    gradient is dv (both are dv + du for pfeiffer)."""
+    need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dnw = needs
+    dv, dnw = rms_norm_backward(dy, dn, y, rstd, norm_weight, need_dnw)
+    u = rms_site_input(h, r, placement)
+    need_du = {"houlsby": need_dh, "parallel": need_dr}.get(placement, need_dh or need_dr)
+    du, dwd, dbd, dwu, dbu = adapter_backward(
+        dv, u, z, w_down, b_down, w_up, b_up, activation, scaling, True,
+        (need_du, need_dwd, need_dbd, need_dwu, need_dbu),
+    )  # fmt: skip
+    return (*rms_site_input_grads(placement, dv, du, need_dh, need_dr), dwd, dbd, dwu, dbu, dnw)
+
+
+def rms_site_input_grads(placement, dv, du, need_dh, need_dr):
+    """(dh, dr) from dv and du = dv + the adapter's own input gradient: du for the adapter's
+    input, dv for the other (both du for pfeiffer); None where not needed."""
+    if placement == "houlsby":
+        dh, dr = du, dv
+    elif placement == "parallel":
+        dh, dr = dv, du
+    else:
+        dh = du
+        dr = du.clone() if need_dh and need_dr else du  # the same gradient, not the same tensor
+    return dh if need_dh else None, dr if need_dr else None
+
+
+def rms_site_backward(*args):
+    return rms_site_backward_with(backward, *args)
+
+
+register_op("adapter_rmsnorm", "reference", rms_site_forward, rms_site_backward)
+
+
 # ----------------------------------------------------------------------------- mixed_adapter
 
 
