@@ -1,4 +1,4 @@
-"""Adding, switching and removing named adapters in a Hugging Face BERT-family model.
+"""Adding, switching and removing named adapters in a Hugging Face BERT-family or decoder model.
 
 Adapters are ``FusedAdapter`` modules in an ``adapters`` ModuleDict on each site's
 owner module (``...attention.output.adapters.<name>`` and ``...output.adapters.<name>``
@@ -20,6 +20,10 @@ which runs the module's own forward whenever no adapter of its placement is acti
 DistilBERT, whose LayerNorms sit in the transformer block, the adapter op runs from hooks:
 houlsby replaces h by h + s*f(h); pfeiffer re-normalizes t + s*f(LN(t)) with t = h + r;
 parallel replaces h by h + s*f(r).
+
+Decoders (Llama, Mistral, Qwen2, Qwen3, GPT-2) keep their adapters on the attention and MLP
+modules (``...self_attn.adapters.<name>``, ``...mlp.adapters.<name>``); their sites are
+described in :mod:`fastadapter.hf.decoder`.
 
 Several adapters of one placement may be active at once (``set_active_adapter(model,
 [names])``); inside ``adapter_routing(model, ids)`` each site then stacks them and runs
@@ -169,6 +173,11 @@ def _bert_site_forward(owner, *args, **kwargs):
 
 
 def _install_hooks(site: Site) -> None:
+    if site.style in ("decoder", "gpt2"):
+        from .decoder import install  # decoder.py reads this module's adapter state
+
+        install(site)
+        return
     if site.owner.__dict__.get("_fastadapter_hooked"):
         return
     if site.style == "bert":  # the whole site as one op: the instance's forward, not a hook
@@ -195,7 +204,7 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name: str = "default") -> nn.Module:
-    """Add adapters named ``name`` to every layer of a BERT-family ``model`` and make them active.
+    """Add adapters named ``name`` to every layer of a BERT-family or decoder ``model`` and make them active.
 
     The adapters take the dtype and device of each layer's LayerNorm weight.
     """
