@@ -25,13 +25,13 @@ print("available_backends:", fastadapter.available_backends())
 PY
 
 echo "== compile check (every triton launch, sm_90, every config the pruners keep; no GPU needed)"
-timeout 240 python -m tests.gpu_compile tests.test_adapter tests.test_adapter_layernorm tests.test_mixed_adapter \
+timeout 240 python -m tests.gpu_compile tests.test_adapter tests.test_adapter_layernorm tests.test_adapter_rmsnorm tests.test_mixed_adapter \
     --target 90 --jobs "$(( $(nproc) > 8 ? 8 : $(nproc) ))" --json "$OUT/compile.json" 2>&1 | tail -25 | tee "$OUT/compile.txt"
 compile_rc=${PIPESTATUS[0]}
 
 echo "== GPU tests"
 FASTADAPTER_AUTOTUNE=0 timeout 200 python -m pytest -q -m gpu tests/test_adapter.py tests/test_op.py tests/test_hf.py \
-    tests/test_mixed_adapter.py -p no:cacheprovider \
+    tests/test_mixed_adapter.py tests/test_adapter_rmsnorm.py -p no:cacheprovider \
     --junitxml="$OUT/gpu-tests.xml" -o addopts="" -rfEs 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

@@ -72,7 +72,7 @@ def outputs_and_grads(fn, inputs, dtype_cast=None, trainable=None, outputs=(0, 1
             t.requires_grad_(bool(train))
     outs = fn(*ts)
     g = torch.Generator().manual_seed(seed)
-    grads_out = [torch.randn(o.shape, generator=g).to(dtype=o.dtype) for o in outs]
+    grads_out = [torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype) for o in outs]
     wanted = [t for t in ts if t is not None and t.requires_grad]
     used = [o for i, o in enumerate(outs) if i in outputs]
     # an input the chosen outputs do not reach (the norm weight for y alone) gets zeros
@@ -113,12 +113,18 @@ def check_site(backend, inputs, placement, activation="gelu", scaling=0.75, trai
 
 
 def _battery():
+    """The full product for reference and cpp, at r = 7 (the cpp backend's ATen composition)
+    and r = 12 (its AVX2 kernels, r >= 8); for triton (the interpreter is slow) every
+    placement x dtype and every placement x activation, at r = 12."""
     params = []
     for backend in BACKENDS:
-        for p, dt, a in itertools.product(PLACEMENTS, DTYPES, ACTIVATIONS):
-            # r = 7 runs the cpp backend's ATen composition, r = 12 its AVX2 kernels (r >= 8)
-            for r in (7, 12):
-                params.append(pytest.param(backend, p, dt, a, r, id=f"{backend}-{p}-{str(dt)[6:]}-{a}-r{r}"))
+        if backend == "triton":
+            cases = {(p, dt, "gelu", 12) for p in PLACEMENTS for dt in DTYPES}
+            cases |= {(p, torch.bfloat16, a, 12) for p in PLACEMENTS for a in ACTIVATIONS}
+        else:
+            cases = set(itertools.product(PLACEMENTS, DTYPES, ACTIVATIONS, (7, 12)))
+        for p, dt, a, r in sorted(cases, key=str):
+            params.append(pytest.param(backend, p, dt, a, r, id=f"{backend}-{p}-{str(dt)[6:]}-{a}-r{r}"))
     return params
 
 
@@ -127,6 +133,17 @@ def test_matches_float64(backend, placement, dtype, activation, r):
     require(backend, "cpu", dtype, r)
     inputs = make_site(29, 40, r, dtype, seed=zlib.crc32(f"{placement}{activation}{r}".encode()))
     check_site(backend, inputs, placement, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_on_the_gpu(backend, placement, dtype):
+    require(backend, "cuda", dtype)
+    inputs = [None if t is None else t.cuda() for t in make_site(1000, 576, 64, dtype, seed=13)]
+    check_site(backend, inputs, placement, "gelu")
+    check_site(backend, inputs, placement, "silu", outputs=(1,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -427,3 +444,50 @@ def test_compile_fullgraph(backend):
         assert rel_err(x, y) <= 1e-5
     explanation = torch._dynamo.explain(site)(*inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+
+
+def gpu_launches():
+    """(what, launch) for tests/gpu_compile.py: the triton backend's decoder-site launchers on
+    CPU tensors, varying one thing at a time from bf16 / houlsby / gelu / r = 64 / d = 576 /
+    bias and norm weight / both outputs' gradients / every gradient: each placement,
+    activation and dtype (fp32 with and without TF32, fp16, fp32 weights with half h), the
+    padded bottleneck sizes, no norm weight, no bias, d = 4096, N not a multiple of 16, the
+    norm frozen, and y_normed alone reaching the loss."""
+    from fastadapter.kernels import adapter_rmsnorm as kernels
+
+    base = dict(dtype=torch.bfloat16, wdtype=None, placement="houlsby", activation="gelu", r=64, d=576, n=512, bias=True,
+                norm=True, needs=(1,) * 6, dy=True)  # fmt: skip
+    cases = [dict(base)]
+    cases += [dict(base, placement=p) for p in ("parallel", "pfeiffer")]
+    cases += [dict(base, activation=a) for a in ACTIVATIONS if a != "gelu"]
+    cases += [dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True), dict(base, dtype=torch.float16)]
+    cases += [dict(base, wdtype=torch.float32), dict(base, placement="pfeiffer", dtype=torch.float32)]
+    cases += [dict(base, r=r) for r in (1, 100, 128, 256)]
+    cases += [dict(base, dtype=torch.float32, r=r) for r in (128, 256)]
+    cases += [dict(base, norm=False), dict(base, bias=False), dict(base, d=4096), dict(base, n=4099)]
+    cases += [dict(base, needs=(1, 1, 1, 1, 1, 0)), dict(base, dy=False)]
+
+    def launch(case):
+        def run():
+            h, r, wd, bd, wu, bu, w = make_site(case["n"], case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
+                                                bias=case["bias"], norm=case["norm"])  # fmt: skip
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
+            try:
+                args = (case["placement"], EPS, case["activation"], 0.5)
+                y, normed, z, rstd = kernels.rms_site_forward(h, r, wd, bd, wu, bu, w, *args)
+                u = {"houlsby": h, "parallel": r, "pfeiffer": h + r}[case["placement"]]
+                kernels.rms_site_backward(y if case["dy"] else None, normed, u, y, z, rstd, wd, bd, wu, bu, w,
+                                          case["activation"], 0.5, case["needs"], programs_max=132)  # fmt: skip
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+
+        return run
+
+    def name(case):
+        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
+
+    return [(name(c), launch(c)) for c in cases]

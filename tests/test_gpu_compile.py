@@ -1,7 +1,7 @@
 """The Triton kernels compile for real GPUs (sm_80 and sm_90), checked without a GPU.
 
 Every launch the `triton` backend makes (the gpu_launches() of tests/test_adapter.py,
-tests/test_adapter_layernorm.py and tests/test_mixed_adapter.py: each activation, dtype,
+tests/test_adapter_layernorm.py, tests/test_adapter_rmsnorm.py and tests/test_mixed_adapter.py: each activation, dtype,
 residual mode or placement, set of needed gradients and padded bottleneck size, through
 the launchers themselves) is compiled by Triton's compiler and ptxas for every
 autotuning config its pruner keeps, and fails here on a compile error, a register spill
@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ["tests.test_adapter", "tests.test_adapter_layernorm", "tests.test_mixed_adapter"]
+OPS = ["tests.test_adapter", "tests.test_adapter_layernorm", "tests.test_adapter_rmsnorm", "tests.test_mixed_adapter"]
 
 
 def _run(modules, targets, tmp_path, timeout=900):
@@ -57,7 +57,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     print(text)
     kernels = {(r["kernel"], r["target"]) for r in rows}
     for name in ("_adapter_fwd_kernel", "_adapter_bwd_kernel", "_site_fwd_kernel", "_site_ln_bwd_kernel", "_site_ln_rows_kernel",
-                 "_mixed_fwd_kernel", "_mixed_bwd_kernel", "_segment_sum_kernel"):  # fmt: skip
+                 "_rms_site_fwd_kernel", "_rms_bwd_kernel", "_mixed_fwd_kernel", "_mixed_bwd_kernel",
+                 "_segment_sum_kernel"):  # fmt: skip
         assert {(name, 80), (name, 90)} <= kernels, name
     bad = _failures(rows)
     assert not bad, "\n".join(bad)

@@ -89,6 +89,34 @@ def site_backward(dout, h, r, z, v, *rest):
 register_op("adapter_layernorm", "triton", site_forward, site_backward, keeps_ln_input=False)
 
 
+def _rms_site_kernels():
+    from ..kernels import adapter_rmsnorm
+
+    return adapter_rmsnorm
+
+
+def rms_site_forward(*args):
+    return _rms_site_kernels().rms_site_forward(*args)
+
+
+def rms_site_backward(dy, dn, h, r, y, z, rstd, w_down, b_down, w_up, b_up, norm_weight, placement, eps, activation, scaling,
+                      needs):  # fmt: skip
+    """dv (the norm's backward, one kernel) and the adapter's backward kernel from it with
+    the adapter's input u as its residual; pfeiffer's u = h + r is made again (one add)."""
+    from .reference import rms_site_input, rms_site_input_grads
+
+    need_dh, need_dr, need_dwd, need_dbd, need_dwu, need_dbu, need_dnw = needs
+    need_du = {"houlsby": need_dh, "parallel": need_dr}.get(placement, need_dh or need_dr)
+    dv, du, dwd, dbd, dwu, dbu, dnw = _rms_site_kernels().rms_site_backward(
+        dy if dy.dim() == 2 else None, dn if dn.dim() == 2 else None, rms_site_input(h, r, placement), y, z, rstd, w_down,
+        b_down, w_up, b_up, norm_weight, activation, scaling, (need_du, need_dwd, need_dbd, need_dwu, need_dbu, need_dnw),
+    )  # fmt: skip
+    return (*rms_site_input_grads(placement, dv, du, need_dh, need_dr), dwd, dbd, dwu, dbu, dnw)
+
+
+register_op("adapter_rmsnorm", "triton", rms_site_forward, rms_site_backward)
+
+
 def _mixed_kernels():
     from ..kernels import mixed_adapter
 
