@@ -328,7 +328,8 @@ def _inductor_count(fn, tensors, trainable: int) -> tuple[Count, Count]:
                 t.requires_grad_(i < trainable)
             out = torch.compile(fn, dynamic=False)(*tensors)
             if trainable:
-                torch.autograd.grad(out, tensors[:trainable], torch.randn_like(out))
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.grad(outs, tensors[:trainable], [torch.randn_like(o) for o in outs])
     finally:
         GraphLowering.count_bytes = original
         log.setLevel(level)
@@ -473,6 +474,78 @@ def count_site_compile(n, d, r, dtype) -> tuple[Count, Count]:
     return _inductor_count(eager_site, _site_inputs(n, d, r, dtype), trainable=6)
 
 
+# ----------------------------------------------------------------------------- the decoder site (adapter_rmsnorm)
+
+RMS_EPS = 1e-5
+
+
+def _llama_rms_norm(y, w):
+    """Llama's RMSNorm as its module writes it (statistics in fp32, cast before the weight)."""
+    yf = y.to(torch.float32)
+    return w * (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + RMS_EPS)).to(y.dtype)
+
+
+def eager_rms_site(f, x, w_down, b_down, w_up, b_up, norm_w):
+    """The houlsby decoder site as a user writes it: the adapter, the residual adds, Llama's RMSNorm."""
+    y = x + f + F.linear(F.gelu(F.linear(f, w_down, b_down)), w_up, b_up)
+    return y, _llama_rms_norm(y, norm_w)
+
+
+def _rms_site_inputs(n, d, r, dtype, seed=0):
+    f, wd, bd, wu, bu = _inputs(n, d, r, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    return f, x, wd, bd, wu, bu, (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+
+
+def count_rms_site(provider: str, n, d, r, dtype) -> tuple[Count, Count]:
+    """One houlsby decoder site (gelu, residual, RMSNorm; both outputs reach the loss, the norm
+    frozen), forward and backward, for ``provider``: eager (the composition, per ATen op),
+    op+add+rms (the Triton adapter op with x + F as its residual, then F.rms_norm as ATen
+    ops) or triton (fastadapter.adapter_rmsnorm's Triton kernels)."""
+    import fastadapter as fa
+
+    def run(fn, counter):
+        ts = _rms_site_inputs(n, d, r, dtype)
+        for t in ts[:6]:
+            t.requires_grad_()
+        g = torch.Generator().manual_seed(7)
+        grads = (torch.randn(n, d, generator=g).to(dtype), torch.randn(n, d, generator=g).to(dtype))
+        fwd = counter(ts[2:])
+        with fwd.counting() if isinstance(fwd, TritonCounter) else fwd:
+            outs = fn(*ts)
+        bwd = counter(ts[2:])
+        with bwd.counting() if isinstance(bwd, TritonCounter) else bwd:
+            torch.autograd.grad(outs, ts[:6], grads)
+        if isinstance(fwd, TritonCounter):
+            return fwd.count(), bwd.count()
+        return Count(fwd.bytes, fwd.bytes, fwd.bytes), Count(bwd.bytes, bwd.bytes, bwd.bytes)
+
+    if provider == "eager":
+        return run(eager_rms_site, lambda _: EagerCounter())
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 before triton is imported")
+
+    def op_add_rms(f, x, wd, bd, wu, bu, w):
+        y = fa.fused_adapter(f, wd, bd, wu, bu, activation="gelu", residual=x + f, backend="triton")
+        return y, F.rms_norm(y, (d,), w, RMS_EPS)
+
+    def site(*t):
+        return fa.adapter_rmsnorm(*t, placement="houlsby", eps=RMS_EPS, activation="gelu", backend="triton")
+
+    from unittest import mock
+
+    from fastadapter.kernels import adapter_rmsnorm as kernels
+
+    fn = {"op+add+rms": op_add_rms, "triton": site}[provider]
+    with mock.patch.object(kernels, "ROUND_IN_TORCH", False):  # the bytes of the GPU path: dv stored in bf16
+        return run(fn, lambda per_launch: TritonCounter(per_launch=per_launch))
+
+
+def count_rms_site_compile(n, d, r, dtype) -> tuple[Count, Count]:
+    return _inductor_count(eager_rms_site, _rms_site_inputs(n, d, r, dtype), trainable=6)
+
+
 # ----------------------------------------------------------------------------- many adapters in a batch (mixed_adapter)
 
 MIXED_ADAPTERS = 4
@@ -544,6 +617,8 @@ def measure(ns, d, r, dtype, providers, at, op: str = "adapter") -> dict:
         for n in [at] if p in FORMULAS else ns:
             if op == "adapter_layernorm":
                 out[p][n] = count_site_compile(n, d, r, dtype) if p == "compile" else count_site(p, n, d, r, dtype)
+            elif op == "adapter_rmsnorm":
+                out[p][n] = count_rms_site_compile(n, d, r, dtype) if p == "compile" else count_rms_site(p, n, d, r, dtype)
             elif op == "mixed_adapter":
                 out[p][n] = count_mixed(p, n, d, r, dtype)
             elif p == "eager":
@@ -647,6 +722,7 @@ def summary(results: dict, d: int, r: int, dtype: torch.dtype, at: int) -> dict:
 DEFAULT_PROVIDERS = {
     "adapter": ["eager", "compile", "triton", "cuda", "cpp"],
     "adapter_layernorm": ["eager", "compile", "op+add+ln", "triton"],
+    "adapter_rmsnorm": ["eager", "compile", "op+add+rms", "triton"],
     "mixed_adapter": ["eager", "adapter", "triton"],
 }
 
@@ -659,12 +735,13 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--at", type=int, default=32768, help="N of the reported figures (DESIGN.md's H200 shape)")
-    p.add_argument("--op", default="adapter", choices=["adapter", "adapter_layernorm", "mixed_adapter"],
+    p.add_argument("--op", default="adapter", choices=["adapter", "adapter_layernorm", "adapter_rmsnorm", "mixed_adapter"],
                    help="adapter_layernorm: one houlsby site (adapter, residual, LayerNorm; the LayerNorm frozen); "
+                        "adapter_rmsnorm: one houlsby decoder site (adapter, residual, RMSNorm; the norm frozen); "
                         f"mixed_adapter: {MIXED_ADAPTERS} adapters over the rows")  # fmt: skip
     p.add_argument("--providers", nargs="+", default=None,
-                   help="default: eager compile triton cuda cpp; for the site eager compile op+add+ln triton; "
-                        "for mixed_adapter eager adapter triton")  # fmt: skip
+                   help="default: eager compile triton cuda cpp; for the site eager compile op+add+ln triton; for the "
+                        "decoder site eager compile op+add+rms triton; for mixed_adapter eager adapter triton")  # fmt: skip
     p.add_argument("--json", help="write the raw counts here")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
@@ -673,6 +750,7 @@ def main(argv=None) -> int:
     what = {
         "adapter": "gelu, residual x",
         "adapter_layernorm": "one houlsby site: gelu adapter, residual, frozen LayerNorm",
+        "adapter_rmsnorm": "one houlsby decoder site: gelu adapter, residual, frozen RMSNorm, y and its norm to the loss",
         "mixed_adapter": f"{MIXED_ADAPTERS} gelu adapters over the rows, residual x; adapter: one over the same rows",
     }[args.op]
     print(table(results, args.d, args.r, dtype, args.at, what))
