@@ -42,7 +42,9 @@ from ..ops.adapter_rmsnorm import adapter_rmsnorm
 from .sites import Site
 
 _HANDOFF = "_fastadapter_handoff"  # norm module attribute: (weakref to y, y's version, y_normed)
+_OWNER_NORM = "_fastadapter_norm_after"  # Llama mlp attribute: the norm after its site
 _STREAM = "_fastadapter_stream"  # GPT-2 mlp attribute: ln_2's input x, for pfeiffer and parallel
+_STATE_MLP = "_fastadapter_mlp"  # GPT-2 ln_2 attribute: the mlp whose site reads its input
 
 
 def _state():
@@ -62,7 +64,7 @@ def _site(owner: nn.Module, names, f: torch.Tensor, x: torch.Tensor, norm: nn.Mo
     """(y, y_normed or None) of a Llama-family site: one adapter_rmsnorm op, or several routed
     adapters through the mixed-adapter op (y_normed None: the model's norm computes it)."""
     state = _state()
-    placement = state._placements(owner)[names if isinstance(names, str) else next(n for n in names if n in owner.adapters)]
+    placement = state._placement_of(owner, names)
     if isinstance(names, tuple):
         return state._Routed(owner, names, f)(_site_input(placement, f, x), x + f), None
     adapter = owner.adapters[names]
@@ -112,13 +114,12 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwarg
     return out
 
 
-_OWNER_NORM = "_fastadapter_norm_after"  # mlp attribute: the norm after its site
-
-
-def _drop(norm_ref, _dead) -> None:
+def _drop(norm_ref, dead) -> None:
+    """y died before its norm was asked for: let go of the normed output held for it."""
     norm = norm_ref()
-    if norm is not None:
-        norm.__dict__.pop(_HANDOFF, None)
+    handoff = None if norm is None else norm.__dict__.get(_HANDOFF)
+    if handoff is not None and handoff[0] is dead:
+        del norm.__dict__[_HANDOFF]
 
 
 def _norm_forward(norm: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
@@ -135,9 +136,6 @@ def _gpt2_stream_hook(module, args):  # ln_2's pre-hook: keep the stream x for t
     module.__dict__[_STATE_MLP].__dict__[_STREAM] = args[0]
 
 
-_STATE_MLP = "_fastadapter_mlp"
-
-
 def _gpt2_hook(module, args, output):  # on attn or mlp: F -> F + A(u)
     state = _state()
     x = module.__dict__.pop(_STREAM, None)
@@ -145,7 +143,7 @@ def _gpt2_hook(module, args, output):  # on attn or mlp: F -> F + A(u)
     if names is None:
         return None
     f = output[0] if isinstance(output, tuple) else output
-    placement = state._placements(module)[names if isinstance(names, str) else next(n for n in names if n in module.adapters)]
+    placement = state._placement_of(module, names)
     if placement != "houlsby" and x is None:
         raise RuntimeError(f"the {placement} adapter of {type(module).__name__} needs the stream before ln_2, which was not seen")
     u = _site_input(placement, f, x)

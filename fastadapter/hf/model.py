@@ -95,9 +95,15 @@ def _active_names(owner: nn.Module, placement: Optional[str] = None):
     placements = _placements(owner)
     if not any(n in placements for n in names):
         return None
-    if placement is not None and placements[next(n for n in names if n in placements)] != placement:
+    if placement is not None and _placement_of(owner, names) != placement:
         return None
     return active
+
+
+def _placement_of(owner: nn.Module, names) -> str:
+    """The placement of the active adapter(s) ``names`` (one name or a tuple) at a site."""
+    placements = _placements(owner)
+    return placements[names if isinstance(names, str) else next(n for n in names if n in placements)]
 
 
 def _active(owner: nn.Module, placement: str) -> Optional[FusedAdapter]:
@@ -153,7 +159,7 @@ def _bert_site_forward(owner, *args, **kwargs):
                         f"positional and {sorted(kwargs)} keyword arguments")  # fmt: skip
     h = owner.dropout(owner.dense(values["hidden_states"]))
     ln = owner.LayerNorm
-    placement = _placements(owner)[names if isinstance(names, str) else next(n for n in names if n in _placements(owner))]
+    placement = _placement_of(owner, names)
     r = values["input_tensor"]
     if isinstance(names, tuple):
         routed = _Routed(owner, names, h)
