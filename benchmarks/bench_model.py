@@ -1,4 +1,6 @@
-"""One training step of the real MiniLM BERT (batch 16 x 128, fp32, CPU) with Houlsby adapters.
+"""One training step of the real MiniLM BERT (batch 16 x 128, fp32, CPU) with Houlsby adapters,
+and of the real SmolLM2-135M decoder (batch 8 x 128, language-model loss; see
+``test_smollm2_train_step``).
 
 Providers, timed side by side (fastadapter/bench.py):
   floor        the same model with no adapters and the base frozen, backward still running
@@ -111,6 +113,115 @@ def test_minilm_train_step(benchmark):
 
     benchmark.extra_info.update(
         device="cpu", dtype="float32", N=BATCH * SEQ, d=384, r=24, activation="silu", mode="train step (MiniLM)",
+        bytes=0, copy_bytes=0, results=results, transformers=transformers.__version__,
+    )  # fmt: skip
+    floor = results["floor"]["median_s"]
+    for name, r in results.items():
+        print(f"{name}: {r['median_s'] * 1e3:.1f} ms ({r['median_s'] / floor:.3f}x floor)")
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (a Llama decoder)
+
+LM_BATCH, LM_SEQ = 8, 128
+
+
+def _smollm2():
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from fastadapter.pretrained import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _lm_step(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(100, 40000, (LM_BATCH, LM_SEQ), generator=torch.Generator().manual_seed(0))
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _lm_floor():
+    model = _smollm2()
+    fa.mark_only_adapters_trainable(model, train_head=False)  # no adapters: nothing of the model trains
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_())
+    return model
+
+
+def _lm_fastadapter():
+    model = _smollm2()
+    fa.add_adapters(model, fa.AdapterConfig(placement="houlsby"), "t")
+    fa.mark_only_adapters_trainable(model, train_head=False)
+    return model
+
+
+def _site_as_adapter_op(owner, names, f, x, norm):
+    """A decoder site as the adapter op with x + F as its residual; the model's norms then run
+    as its own modules (the integration without fastadapter.adapter_rmsnorm)."""
+    from fastadapter.hf import decoder
+
+    adapter = owner.adapters[names]
+    placement = hf_model._placements(owner)[names]
+    u = decoder._site_input(placement, f, x)
+    y = fa.fused_adapter(u, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias,
+                         activation=adapter.activation, scaling=adapter.scaling, residual=x + f)  # fmt: skip
+    return y, None
+
+
+def _with_decoder_sites_unfused(step):
+    from fastadapter.hf import decoder
+
+    def run():
+        with mock.patch.object(decoder, "_site", _site_as_adapter_op):
+            step()
+
+    return run
+
+
+def _lm_adapterhub():
+    import adapters
+
+    model = _smollm2()
+    adapters.init(model)
+    model.add_adapter("t", config=adapters.DoubleSeqBnConfig())
+    model.train_adapter("t")
+    return model
+
+
+def test_smollm2_train_step(benchmark):
+    """The real SmolLM2-135M (30 Llama layers, hidden 576), batch 8 x 128, fp32: floor (frozen,
+    no adapters, backward through every layer), fastadapter's houlsby adapters (each site and
+    its RMSNorm one adapter_rmsnorm op), the same adapters with each site as the adapter op
+    and the model's own norms (fa-op), and AdapterHub's double_seq_bn where importable.
+    FASTADAPTER_BENCH_ROUNDS (default 5) sets the rounds."""
+    builders = {"floor": _lm_floor, "fastadapter": _lm_fastadapter}
+    try:
+        import adapters  # noqa: F401
+
+        builders["adapterhub"] = _lm_adapterhub
+    except ImportError:
+        pass
+    fns = {name: _lm_step(build()) for name, build in builders.items()}
+    fns["fa-op"] = _with_decoder_sites_unfused(_lm_step(_lm_fastadapter()))
+    rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "5"))
+    results = benchmark.pedantic(interleaved, args=(fns, "cpu", rounds, 1), rounds=1, iterations=1)
+    import transformers
+
+    benchmark.extra_info.update(
+        device="cpu", dtype="float32", N=LM_BATCH * LM_SEQ, d=576, r=36, activation="silu", mode="train step (SmolLM2)",
         bytes=0, copy_bytes=0, results=results, transformers=transformers.__version__,
     )  # fmt: skip
     floor = results["floor"]["median_s"]

