@@ -9,6 +9,8 @@ import re
 import sys
 from typing import Any, Optional
 
+OPS = ("adapter", "adapter_layernorm", "adapter_rmsnorm", "mixed_adapter")  # the registered ops, for their backends
+
 
 def _version(package: str) -> Optional[str]:
     try:
@@ -98,7 +100,7 @@ def collect() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "gpu": gpu(),
         "backends": backends.available_backends(),
-        "ops": {op: backends.available_backends(op) for op in ("adapter", "adapter_layernorm", "mixed_adapter")},
+        "ops": {op: backends.available_backends(op) for op in OPS},
         "extension": extension(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("FASTADAPTER_", "TRITON_INTERPRET"))},
     }
