@@ -2,7 +2,8 @@
 
 A directory written by AdapterHub's ``save_adapter`` holds ``adapter_config.json`` and
 ``pytorch_adapter.bin`` (or ``adapter.safetensors``) with parameters named
-``...layer.<i>.<site>.adapters.<name>.adapter_down.0.weight`` / ``adapter_up.weight``.
+``...layer.<i>.<site>.adapters.<name>.adapter_down.0.weight`` / ``adapter_up.weight``
+(decoders: ``...layers.<i>.attention_adapters.adapters.<name>...`` and ``output_adapters``).
 The seq_bn (pfeiffer), double_seq_bn (houlsby) and par_bn (parallel) configurations map
 onto fastadapter's placements; anything else raises an error that names it.
 """
@@ -28,9 +29,12 @@ CONFIG_FILE = "adapter_config.json"
 BIN_FILE = "pytorch_adapter.bin"
 SAFE_FILE = "adapter.safetensors"
 
+# BERT-family: ...layer.<i>.attention.output / output (DistilBERT: attention_adapters /
+# output_adapters); decoders: ...layers.<i> (Llama family) or ...h.<i> (GPT-2) with
+# attention_adapters / output_adapters
 _KEY = re.compile(
-    r"(?:^|\.)layer\.(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapters\.([^.]+)\."
-    r"(adapter_down\.0|adapter_up)\.(weight|bias)$"
+    r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapters\."
+    r"([^.]+)\.(adapter_down\.0|adapter_up)\.(weight|bias)$"
 )
 _KIND = {"attention.output": "attention", "attention_adapters": "attention", "output": "output", "output_adapters": "output"}
 _PARAM = {"adapter_down.0": "down", "adapter_up": "up"}
@@ -199,8 +203,9 @@ def load_adapterhub(model: nn.Module, directory: str, name: Optional[str] = None
 
 
 def _hub_key(pname: str) -> str:
-    pname = re.sub(r"\.attention\.adapters\.", ".attention_adapters.adapters.", pname)  # DistilBERT
-    pname = re.sub(r"\.ffn\.adapters\.", ".output_adapters.adapters.", pname)
+    # DistilBERT's attention and ffn, a decoder's self_attn (GPT-2: attn) and mlp
+    pname = re.sub(r"\.(?:attention|self_attn|attn)\.adapters\.", ".attention_adapters.adapters.", pname)
+    pname = re.sub(r"\.(?:ffn|mlp)\.adapters\.", ".output_adapters.adapters.", pname)
     pname = re.sub(r"\.down\.(weight|bias)$", r".adapter_down.0.\1", pname)
     return re.sub(r"\.up\.(weight|bias)$", r".adapter_up.\1", pname)
 

@@ -18,7 +18,16 @@ else:
     adapters = pytest.importorskip("adapters")
 
 from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
-from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 CASES = {
     "seq_bn": lambda: SeqBnConfig(reduction_factor=4),
@@ -146,3 +155,59 @@ def test_real_minilm_adapterhub_checkpoint(config, tmp_path):
     with torch.no_grad():
         got = ours(**batch).last_hidden_state
     assert (got - want).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- decoders
+
+LLAMA = dict(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+DECODERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=32)),
+}
+DECODER_CASES = {
+    "seq_bn": lambda: SeqBnConfig(reduction_factor=4),
+    "double_seq_bn": lambda: DoubleSeqBnConfig(reduction_factor=6, non_linearity="gelu"),
+    "par_bn": lambda: ParBnConfig(reduction_factor=3),
+}
+
+
+def _decoder_pair(arch):
+    torch.manual_seed(0)
+    a = DECODERS[arch]().eval()
+    b = DECODERS[arch]().eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", list(DECODERS))
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_adapterhub_checkpoint_loads_with_equal_logits(arch, case, tmp_path):
+    hub, ours = _decoder_pair(arch)
+    adapters.init(hub)
+    hub.add_adapter("task", config=DECODER_CASES[case]())
+    _randomize(hub, "task")
+    hub.set_active_adapters("task")
+    want = _logits(hub, IDS)
+    assert (want - _logits(ours, IDS)).abs().max() > 1e-2  # the adapter does something
+    hub.save_adapter(str(tmp_path), "task")
+    assert fa.load_adapterhub(ours, str(tmp_path)) == "task"
+    assert (_logits(ours, IDS) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", list(DECODERS))
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
+def test_decoder_saved_for_adapterhub_loads_there_with_equal_logits(arch, placement, tmp_path):
+    ours, hub = _decoder_pair(arch)
+    fa.add_adapters(ours, fa.AdapterConfig(placement=placement, reduction_factor=4, activation="gelu_new"), "mine")
+    _randomize(ours, "mine")
+    want = _logits(ours, IDS)
+    assert (want - _logits(hub, IDS)).abs().max() > 1e-2
+    fa.save_adapterhub(ours, str(tmp_path), "mine")
+    adapters.init(hub)
+    assert hub.load_adapter(str(tmp_path), set_active=True) == "mine"
+    assert (_logits(hub, IDS) - want).abs().max().item() <= 1e-4
