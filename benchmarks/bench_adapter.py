@@ -5,7 +5,7 @@ and every fastadapter backend that can run here, timed side by side.
 
 CPU: fp32, N=4096, d=768, r=64, gelu. CUDA: bf16, N=32768, d=768, r=64, gelu (DESIGN.md).
 FASTADAPTER_BENCH=sweep adds the N / d / r sweep (on CUDA, torch.compile at the base shape only).
-Each test times all providers of one case in rotating rounds (fastadapter/bench.py); their
+Each test times all providers of one case in rotating rounds (fastadapter/cli/bench.py); their
 medians go to the JSON's extra_info, which report.py turns into the table. GPU times come
 from CUDA events. `fastadapter bench` runs the same timing without pytest.
 """
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fastadapter import bench
+from fastadapter.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SWEEP = os.environ.get("FASTADAPTER_BENCH", "") == "sweep"

@@ -2,7 +2,7 @@
 and of the real SmolLM2-135M decoder (batch 8 x 128, language-model loss; see
 ``test_smollm2_train_step``).
 
-Providers, timed side by side (fastadapter/bench.py):
+Providers, timed side by side (fastadapter/cli/bench.py):
   floor        the same model with no adapters and the base frozen, backward still running
                through every layer (the embedding output requires grad): the work any
                adapter model does, minus the adapters
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fastadapter as fa
-from fastadapter.bench import interleaved
+from fastadapter.cli.bench import interleaved
 from fastadapter.hf import model as hf_model
 
 BATCH, SEQ, LABELS = 16, 128, 5
@@ -129,7 +129,7 @@ def _smollm2():
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 
-    from fastadapter.pretrained import smollm2_path
+    from fastadapter.cli.pretrained import smollm2_path
 
     try:
         path = smollm2_path()

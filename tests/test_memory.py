@@ -1,8 +1,8 @@
-"""fastadapter/memory.py measures what it says: bytes saved for the backward, known by hand."""
+"""fastadapter/cli/memory.py measures what it says: bytes saved for the backward, known by hand."""
 
 import torch
 
-from fastadapter import memory
+from fastadapter.cli import memory
 
 
 def test_saved_bytes_of_one_adapter_call_known_by_hand():

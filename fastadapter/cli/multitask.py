@@ -16,32 +16,12 @@ import os
 import random
 import sys
 import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# task name -> (loader(limit_per_label, seed) -> (texts, labels, label names), default limit per label)
-TASKS: dict[str, tuple[Callable, int | None]] = {}
-
-
-def _register_tasks() -> None:
-    from .data import bbc_news, sentiment_tweets
-
-    TASKS["bbc"] = (bbc_news, None)  # 2225 articles
-    TASKS["sentiment"] = (sentiment_tweets, 1000)  # 3000 of the 38,158 tweets, balanced
-
-
-_register_tasks()
-
-
-def parse_tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if not tasks or unknown or len(set(tasks)) != len(tasks):
-        raise SystemExit(f"--tasks takes distinct names from {', '.join(TASKS)} separated by commas, got {text!r}")
-    return tasks
+from .common import load_task, mixed_batches, model_path, read_run, warmup_then_linear
 
 
 class MultiTaskClassifier(nn.Module):
@@ -65,8 +45,7 @@ class MultiTaskClassifier(nn.Module):
 
 
 def _load_task(name: str, limit: int | None, eval_fraction: float, seed: int, tokenizer, max_length: int) -> dict:
-    loader, default_limit = TASKS[name]
-    texts, labels, names = loader(limit_per_label=limit if limit is not None else default_limit, seed=seed)
+    texts, labels, names = load_task(name, limit, seed)
     n_eval = max(1, int(len(texts) * eval_fraction))
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     return {"name": name, "labels": names, "ids": enc["input_ids"], "mask": enc["attention_mask"], "y": torch.tensor(labels),
@@ -109,23 +88,6 @@ def evaluate(model: MultiTaskClassifier, data: dict, task_index: int, batch_size
     return {"accuracy": correct / max(1, len(data["eval"])), "examples": len(data["eval"])}
 
 
-def _mixed_batches(datasets: list[dict], batch_size: int, rng: random.Random):
-    """Endless batches with an equal share of each task (the remainder to the first ones),
-    each task's training rows in a fresh random order every epoch of that task."""
-    orders = [[] for _ in datasets]
-    shares = [batch_size // len(datasets) + (1 if i < batch_size % len(datasets) else 0) for i in range(len(datasets))]
-    while True:
-        rows = []
-        for t, (data, share) in enumerate(zip(datasets, shares)):
-            for _ in range(share):
-                if not orders[t]:
-                    orders[t] = list(data["train"])
-                    rng.shuffle(orders[t])
-                rows.append((t, orders[t].pop()))
-        rng.shuffle(rows)
-        yield rows
-
-
 def _collate(datasets, rows, pad_id: int):
     length = max(datasets[0]["ids"].shape[1], *(d["ids"].shape[1] for d in datasets))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -165,8 +127,8 @@ def train_tasks(datasets: list[dict], args, path: str, tokenizer, label: str) ->
     params = [p for p in model.parameters() if p.requires_grad]
     total = args.max_steps
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total))
-    batches = _mixed_batches(datasets, args.batch_size, rng)
+    sched = warmup_then_linear(opt, total)
+    batches = mixed_batches(datasets, args.batch_size, rng)
     losses = []
     start = time.perf_counter()
     bar = tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty())
@@ -190,18 +152,11 @@ def train_tasks(datasets: list[dict], args, path: str, tokenizer, label: str) ->
 
 
 def train_multitask(args, tasks: list[str]) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     import fastadapter as fa
 
-    from .cli import _model_path
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.max_steps is None:
-        args.max_steps = 150
-    path = _model_path(args.model)
+    path = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     datasets = [_load_task(t, args.limit_per_label, args.eval_fraction, args.seed, tokenizer, args.max_length) for t in tasks]
     started = time.perf_counter()
@@ -214,7 +169,7 @@ def train_multitask(args, tasks: list[str]) -> dict:
     for t in tasks:
         fa.save_adapters(model.base, os.path.join(args.output, "adapters", t), name=t)
     torch.save(model.heads.state_dict(), os.path.join(args.output, "heads.pt"))
-    run = {"model": path, "tasks": tasks, "labels": {d["name"]: d["labels"] for d in datasets},
+    run = {"kind": "classifier", "model": path, "tasks": tasks, "labels": {d["name"]: d["labels"] for d in datasets},
            "max_length": args.max_length, "placement": fa.adapter_configs(model.base)[tasks[0]].placement}  # fmt: skip
     with open(os.path.join(args.output, "run.json"), "w") as f:
         json.dump(run, f, indent=2)
@@ -238,8 +193,7 @@ def load_run(directory: str) -> tuple[MultiTaskClassifier, dict, object]:
 
     import fastadapter as fa
 
-    with open(os.path.join(directory, "run.json")) as f:
-        run = json.load(f)
+    run = read_run(directory, "classifier")
     base = AutoModel.from_pretrained(run["model"])
     for t in run["tasks"]:
         fa.load_adapters(base, os.path.join(directory, "adapters", t), name=t)
@@ -269,17 +223,3 @@ def predict(directory: str, items: list[tuple[str, str]], batch_size: int = 32) 
             k = run["tasks"].index(t)
             out.append((t, run["labels"][t][next(rows[k])]))
     return out
-
-
-def read_tagged(path: str) -> list[tuple[str, str]]:
-    """Lines ``task<TAB>text`` (blank lines skipped)."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise SystemExit(f"{path}:{n}: expected 'task<TAB>text', got {line.strip()[:60]!r}")
-            task, text = line.rstrip("\n").split("\t", 1)
-            items.append((task.strip(), text))
-    return items

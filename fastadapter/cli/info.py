@@ -65,7 +65,7 @@ def gpu() -> dict[str, Any]:
 
 def extension() -> dict[str, Any]:
     """Whether the C++ extension is built (building it if needed, as first use would) and where."""
-    from .backends import extension as ext
+    from ..backends import extension as ext
 
     module, reason = ext.load()
     out: dict[str, Any] = {"built": module is not None, "reason": reason}
@@ -85,7 +85,7 @@ def collect() -> dict[str, Any]:
 
     import fastadapter
 
-    from . import backends
+    from .. import backends
 
     return {
         "fastadapter": fastadapter.__version__,

