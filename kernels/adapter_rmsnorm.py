@@ -21,9 +21,7 @@ import triton.language as tl
 
 from .adapter import (
     ACT_IDS,
-    AUTOTUNE,
     INTERPRET,
-    MAXNREG,
     _act,
     _and,
     _mma,
@@ -34,7 +32,7 @@ from .adapter import (
     block_r,
     rows_per_program,
 )
-from .adapter_layernorm import _up_chunk
+from .adapter_layernorm import _FWD_CONFIGS, _configs, _pruner, _up_chunk
 
 PLACEMENT_IDS = {"houlsby": 0, "parallel": 1, "pfeiffer": 2}
 # The interpreter truncates fp32 -> bf16 casts where a GPU rounds to nearest: under it, with
@@ -179,42 +177,13 @@ def _rms_bwd_kernel(
 
 # ----------------------------------------------------------------------------- configs and launchers
 
-_FWD_CONFIGS = {  # (BLOCK_M, BLOCK_K, num_warps, num_stages) per kind and BLOCK_R: spill-free on sm_80 and sm_90
-    ("half", 64): [(32, 64, 8, 2), (64, 32, 8, 2)],
-    ("half", 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
-    ("half", 256): [(16, 64, 4, 2)],
-    ("tf32", 64): [(16, 32, 4, 2)],
-    ("tf32", 128): [(32, 32, 8, 2)],
-    ("tf32", 256): [(16, 32, 4, 2)],
-    ("ieee", 64): [(16, 32, 4, 2), (32, 16, 4, 2)],
-    ("ieee", 128): [(16, 16, 4, 2)],
-    ("ieee", 256): [(16, 16, 4, 2)],
-}
+# the forward's configs are the LayerNorm site's (checked spill-free for this kernel too: tests/test_gpu_compile.py)
 _BWD_CONFIG = (32, 64, 4, 2)  # no product: one config for every dtype (fp32 at BLOCK_K 128 took 224 registers)
-
-
-def _configs(tables):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4)]
-    union = dict.fromkeys(c for table in tables.values() for c in table)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": kk}, num_warps=w, num_stages=s, maxnreg=MAXNREG) for m, kk, w, s in union]
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    import torch
-
-    dtype = named_args["H"].dtype
-    kind = "half" if dtype in (torch.float16, torch.bfloat16) else ("tf32" if kwargs["PRECISION"] == "tf32" else "ieee")
-    wanted = _FWD_CONFIGS[(kind, max(64, kwargs["BLOCK_R"]))]
-    by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c for c in configs}
-    kept = [by_key[w] for w in wanted if w in by_key] or configs[:1]
-    return kept if AUTOTUNE else kept[:1]
-
 
 _fwd = triton.autotune(
     configs=_configs(_FWD_CONFIGS),
     key=["D", "RK", "PLACEMENT", "U_GIVEN", "ACT", "HAS_BD", "HAS_BU", "HAS_NW", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
+    prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)},
 )(_rms_site_fwd_kernel)
 
 

@@ -165,3 +165,63 @@ def check_against_float64(
             bound = max(2.0 * ref_err, FLOOR[dtype])
             assert err <= bound, f"{backend} {name}: error {err:.3e} > 2x {baseline}'s {ref_err:.3e} ({dtype})"
     return got
+
+
+def site_tensors(n, d, r, dtype, wdtype=None, bias=True, seed=0, lead=None, layout="contiguous"):
+    """The site ops' seeded inputs (never zeros): (g, h, r, w_down, b_down, w_up, b_up), with
+    the generator g left to draw the norm's parameters next. ``lead`` and ``layout`` as in
+    :func:`make_inputs`, for h and r both."""
+    g = torch.Generator().manual_seed(seed)
+    wdtype = wdtype or dtype
+    shape = tuple(lead) if lead is not None else (n,)
+
+    def act_input():
+        if layout == "transposed":
+            return torch.randn(d, *shape, generator=g).movedim(0, -1)
+        if layout == "strided":
+            return torch.randn(*shape, 2 * d, generator=g)[..., ::2]
+        return torch.randn(*shape, d, generator=g)
+
+    h, res = act_input().to(dtype), act_input().to(dtype)
+    w_down = (torch.randn(r, d, generator=g) / math.sqrt(d)).to(wdtype)
+    w_up = (torch.randn(d, r, generator=g) / math.sqrt(r)).to(wdtype)
+    b_down = (0.1 * torch.randn(r, generator=g)).to(wdtype) if bias else None
+    b_up = (0.1 * torch.randn(d, generator=g)).to(wdtype) if bias else None
+    return g, h, res, w_down, b_down, w_up, b_up
+
+
+def saved_bytes(fn, exclude) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, those of ``exclude``
+    (the inputs and parameters, saved by reference) left out."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.nbytes() and all(st.data_ptr() != p.untyped_storage().data_ptr() for p in exclude):
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def launch_cases(base: dict, cases: list[dict], run) -> list[tuple[str, object]]:
+    """(what, launch) pairs for tests/gpu_compile.py: each case named by what it changes from
+    ``base``, launched by ``run(case)`` with TF32 on where the case says ``tf32=True``."""
+
+    def launch(case):
+        def go():
+            saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
+            try:
+                run(case)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = saved
+
+        return go
+
+    def name(case):
+        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
+
+    return [(name(c), launch(c)) for c in cases]

@@ -4,7 +4,6 @@ placements, every activation and dtype, frozen or trainable LayerNorm, odd shape
 layouts, NaN, bad input, and the operator machinery (gradcheck, opcheck, torch.compile)."""
 
 import itertools
-import math
 import zlib
 
 import pytest
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import fastadapter as fa
 from fastadapter.ops.adapter_layernorm import adapter_layernorm_backward, adapter_layernorm_forward
 
-from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, rel_err, require, torch_act
+from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, launch_cases, rel_err, require, saved_bytes, site_tensors, torch_act
 
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
 NAMES = ("out", "dh", "dr", "dw_down", "db_down", "dw_up", "db_up", "dln_weight", "dln_bias")
@@ -24,22 +23,8 @@ BACKENDS = [b for b in ("reference", "cpp", "triton") if b in fa.available_backe
 def make_site(n, d, r, dtype=torch.float32, wdtype=None, bias=True, ln="affine", seed=0, lead=None, layout="contiguous"):
     """Seeded inputs (never zeros): h, r, the adapter's weights, the LayerNorm's weight and bias
     (``ln``: "affine", "weight" (no bias) or "none")."""
-    g = torch.Generator().manual_seed(seed)
+    g, h, res, w_down, b_down, w_up, b_up = site_tensors(n, d, r, dtype, wdtype, bias, seed, lead, layout)
     wdtype = wdtype or dtype
-    shape = tuple(lead) if lead is not None else (n,)
-
-    def act_input():
-        if layout == "transposed":
-            return torch.randn(d, *shape, generator=g).movedim(0, -1)
-        if layout == "strided":
-            return torch.randn(*shape, 2 * d, generator=g)[..., ::2]
-        return torch.randn(*shape, d, generator=g)
-
-    h, res = act_input().to(dtype), act_input().to(dtype)
-    w_down = (torch.randn(r, d, generator=g) / math.sqrt(d)).to(wdtype)
-    w_up = (torch.randn(d, r, generator=g) / math.sqrt(r)).to(wdtype)
-    b_down = (0.1 * torch.randn(r, generator=g)).to(wdtype) if bias else None
-    b_up = (0.1 * torch.randn(d, generator=g)).to(wdtype) if bias else None
     ln_w = (1 + 0.2 * torch.randn(d, generator=g)).to(wdtype) if ln in ("affine", "weight") else None
     ln_b = (0.1 * torch.randn(d, generator=g)).to(wdtype) if ln == "affine" else None
     return h, res, w_down, b_down, w_up, b_up, ln_w, ln_b
@@ -375,20 +360,6 @@ def test_backward_with_and_without_the_kept_ln_input_agree(backend, placement):
         assert rel_err(a, b) <= 1e-5, name
 
 
-def _saved_bytes(fn, exclude):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.nbytes() and all(st.data_ptr() != p.untyped_storage().data_ptr() for p in exclude):
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_saved_tensors_known_by_hand(backend, placement):
@@ -398,7 +369,7 @@ def test_saved_tensors_known_by_hand(backend, placement):
     n, d, rk = 24, 16, 4
     h, r, *params = make_site(n, d, rk, dtype=torch.bfloat16, seed=2)
     h.requires_grad_(), r.requires_grad_()
-    saved = _saved_bytes(lambda: fa.adapter_layernorm(h, r, *params, placement=placement, backend=backend), params)
+    saved = saved_bytes(lambda: fa.adapter_layernorm(h, r, *params, placement=placement, backend=backend), params)
     stats = 2 * n * 4 * (2 if placement == "pfeiffer" else 1)
     if backend == "triton":
         inputs = 2 * n * d * 2
@@ -464,24 +435,12 @@ def gpu_launches():
     cases += [dict(base, ln="none"), dict(base, placement="pfeiffer", ln="none"), dict(base, bias=False), dict(base, d=100)]
     cases += [dict(base, needs=(1, 1, 1, 1, 1, 1, 0, 0)), dict(base, placement="pfeiffer", needs=(1, 1, 1, 1, 1, 1, 0, 0))]
 
-    def launch(case):
-        def run():
-            n = 512
-            h, r, wd, bd, wu, bu, lw, lb = make_site(n, case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
-                                                     bias=case["bias"], ln=case["ln"])  # fmt: skip
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
-            try:
-                args = (case["placement"], 1e-5, case["activation"], 0.5)
-                out, z, mean, rstd, mean_t, rstd_t = kernels.site_forward(h, r, wd, bd, wu, bu, lw, lb, *args)
-                kernels.site_backward(out, h, r, z, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, *args, case["needs"],
-                                      programs_max=132)  # fmt: skip
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
+    def run(case):
+        h, r, wd, bd, wu, bu, lw, lb = make_site(512, case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
+                                                 bias=case["bias"], ln=case["ln"])  # fmt: skip
+        args = (case["placement"], 1e-5, case["activation"], 0.5)
+        out, z, mean, rstd, mean_t, rstd_t = kernels.site_forward(h, r, wd, bd, wu, bu, lw, lb, *args)
+        kernels.site_backward(out, h, r, z, mean, rstd, mean_t, rstd_t, wd, bd, wu, bu, lw, lb, *args, case["needs"],
+                              programs_max=132)  # fmt: skip
 
-        return run
-
-    def name(case):
-        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
-
-    return [(name(c), launch(c)) for c in cases]
+    return launch_cases(base, cases, run)

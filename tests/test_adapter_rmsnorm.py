@@ -5,7 +5,6 @@ absent, gradients from either output or both, odd shapes and layouts, NaN, bad i
 the operator machinery (gradcheck, opcheck, torch.compile)."""
 
 import itertools
-import math
 import zlib
 
 import pytest
@@ -16,7 +15,7 @@ import fastadapter as fa
 from fastadapter import backends
 from fastadapter.ops.adapter_rmsnorm import adapter_rmsnorm_backward, adapter_rmsnorm_forward
 
-from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, rel_err, require, torch_act
+from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, launch_cases, rel_err, require, saved_bytes, site_tensors, torch_act
 
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
 NAMES = ("y", "y_normed", "dh", "dr", "dw_down", "db_down", "dw_up", "db_up", "dnorm_weight")
@@ -27,22 +26,8 @@ EPS = 1e-5
 def make_site(n, d, r, dtype=torch.float32, wdtype=None, bias=True, norm=True, seed=0, lead=None, layout="contiguous"):
     """Seeded inputs (never zeros): h (the sub-layer's output), r (the stream), the adapter's
     weights and the norm's weight (None with ``norm=False``)."""
-    g = torch.Generator().manual_seed(seed)
+    g, h, res, w_down, b_down, w_up, b_up = site_tensors(n, d, r, dtype, wdtype, bias, seed, lead, layout)
     wdtype = wdtype or dtype
-    shape = tuple(lead) if lead is not None else (n,)
-
-    def act_input():
-        if layout == "transposed":
-            return torch.randn(d, *shape, generator=g).movedim(0, -1)
-        if layout == "strided":
-            return torch.randn(*shape, 2 * d, generator=g)[..., ::2]
-        return torch.randn(*shape, d, generator=g)
-
-    h, res = act_input().to(dtype), act_input().to(dtype)
-    w_down = (torch.randn(r, d, generator=g) / math.sqrt(d)).to(wdtype)
-    w_up = (torch.randn(d, r, generator=g) / math.sqrt(r)).to(wdtype)
-    b_down = (0.1 * torch.randn(r, generator=g)).to(wdtype) if bias else None
-    b_up = (0.1 * torch.randn(d, generator=g)).to(wdtype) if bias else None
     norm_w = (1 + 0.2 * torch.randn(d, generator=g)).to(wdtype) if norm else None
     return h, res, w_down, b_down, w_up, b_up, norm_w
 
@@ -397,20 +382,6 @@ def test_backward_op_refuses_saved_tensors_that_do_not_fit():
     adapter_rmsnorm_backward(dy, dy, h, r.new_empty(0), y, z, rstd, *rest)  # houlsby does not read r again
 
 
-def _saved_bytes(fn, exclude):
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.nbytes() and all(st.data_ptr() != p.untyped_storage().data_ptr() for p in exclude):
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_saved_tensors_known_by_hand(backend, placement):
@@ -419,7 +390,7 @@ def test_saved_tensors_known_by_hand(backend, placement):
     n, d, rk = 24, 16, 8
     h, r, *params = make_site(n, d, rk, dtype=torch.bfloat16, seed=2)
     h.requires_grad_(), r.requires_grad_()
-    saved = _saved_bytes(lambda: fa.adapter_rmsnorm(h, r, *params, placement=placement, backend=backend), params)
+    saved = saved_bytes(lambda: fa.adapter_rmsnorm(h, r, *params, placement=placement, backend=backend), params)
     inputs = n * d * 2 * (2 if placement == "pfeiffer" else 1)
     assert saved == inputs + n * d * 2 + n * rk * 4 + n * 4
 
@@ -470,24 +441,12 @@ def gpu_launches():
     cases += [dict(base, norm=False), dict(base, bias=False), dict(base, d=4096), dict(base, n=4099)]
     cases += [dict(base, needs=(1, 1, 1, 1, 1, 0)), dict(base, dy=False)]
 
-    def launch(case):
-        def run():
-            h, r, wd, bd, wu, bu, w = make_site(case["n"], case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
-                                                bias=case["bias"], norm=case["norm"])  # fmt: skip
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
-            try:
-                args = (case["placement"], EPS, case["activation"], 0.5)
-                y, normed, z, rstd = kernels.rms_site_forward(h, r, wd, bd, wu, bu, w, *args)
-                u = {"houlsby": h, "parallel": r, "pfeiffer": h + r}[case["placement"]]
-                kernels.rms_site_backward(y if case["dy"] else None, normed, u, y, z, rstd, wd, bd, wu, bu, w,
-                                          case["activation"], 0.5, case["needs"], programs_max=132)  # fmt: skip
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
+    def run(case):
+        h, r, wd, bd, wu, bu, w = make_site(case["n"], case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
+                                            bias=case["bias"], norm=case["norm"])  # fmt: skip
+        y, normed, z, rstd = kernels.rms_site_forward(h, r, wd, bd, wu, bu, w, case["placement"], EPS, case["activation"], 0.5)
+        u = {"houlsby": h, "parallel": r, "pfeiffer": h + r}[case["placement"]]
+        kernels.rms_site_backward(y if case["dy"] else None, normed, u, y, z, rstd, wd, bd, wu, bu, w, case["activation"], 0.5,
+                                  case["needs"], programs_max=132)  # fmt: skip
 
-        return run
-
-    def name(case):
-        return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
-
-    return [(name(c), launch(c)) for c in cases]
+    return launch_cases(base, cases, run)
