@@ -125,6 +125,14 @@ def fake_grads(needs, likes, base: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.empty_like(like) if need else base.new_empty(0) for need, like in zip(needs, likes))
 
 
+def as_shape(t: Tensor, shape) -> Tensor:
+    """``t`` (an op's fresh output that its backward does not save) in ``shape``, as a tensor
+    of its own rather than an autograd view of the 2-D output: an in-place op on it then
+    keeps hooks on it (FSDP2's pre-backward hook on a layer's output) and its own version
+    counter is the only one that matters."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -288,4 +296,4 @@ def fused_adapter(
         residual_is_x,
         backend,
     )
-    return y.view(shape)
+    return as_shape(y, shape)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import backends
 from ..activations import canonical_activation
-from .adapter import FLOAT_DTYPES, _shape, backend_arg, check_inputs, checked_grads, fake_grads
+from .adapter import FLOAT_DTYPES, _shape, as_shape, backend_arg, check_inputs, checked_grads, fake_grads
 
 OP = "adapter_layernorm"
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
@@ -291,4 +291,4 @@ def adapter_layernorm(
         h.reshape(-1, d), r.reshape(-1, d), w_down, b_down, w_up, b_up, ln_weight, ln_bias, placement, float(eps),
         activation, float(scaling), backend,
     )[0]  # fmt: skip
-    return out.view(shape)
+    return as_shape(out, shape)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import backends
 from ..activations import canonical_activation
-from .adapter import FLOAT_DTYPES, _acc_dtype, _shape, backend_arg, check_inputs, checked_grads, fake_grads
+from .adapter import FLOAT_DTYPES, _acc_dtype, _shape, as_shape, backend_arg, check_inputs, checked_grads, fake_grads
 from .adapter_layernorm import canonical_placement
 
 OP = "adapter_rmsnorm"
@@ -267,4 +267,4 @@ def adapter_rmsnorm(
         h.reshape(-1, d), r.reshape(-1, d), w_down, b_down, w_up, b_up, norm_weight, placement, float(eps), activation,
         float(scaling), backend,
     )  # fmt: skip
-    return y.view(shape), y_normed.view(shape)
+    return y.view(shape), as_shape(y_normed, shape)  # y is saved for the backward: a view keeps its version

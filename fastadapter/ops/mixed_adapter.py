@@ -31,6 +31,7 @@ from .adapter import (
     _acc_dtype,
     _needs,
     _shape,
+    as_shape,
     backend_arg,
     checked_grads,
     fake_grads,
@@ -236,7 +237,7 @@ def mixed_adapter(
         x.reshape(-1, d), index.reshape(-1), w_down, b_down, w_up, b_up,
         None if residual_t is None else residual_t.reshape(-1, d), activation, float(scaling), residual_is_x, backend,
     )  # fmt: skip
-    return y.view(shape)
+    return as_shape(y, shape)
 
 
 def stack_adapters(adapters: Sequence[nn.Module]) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
