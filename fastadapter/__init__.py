@@ -18,6 +18,7 @@ from .hf import (
     save_adapterhub,
     save_adapters,
     set_active_adapter,
+    shard_model,
 )
 from .modules import FusedAdapter
 from .ops.adapter import fused_adapter
@@ -47,5 +48,6 @@ __all__ = [
     "save_adapterhub",
     "save_adapters",
     "set_active_adapter",
+    "shard_model",
     "stack_adapters",
 ]

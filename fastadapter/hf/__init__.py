@@ -1,8 +1,9 @@
-"""Hugging Face integration: adapters in BERT-family models."""
+"""Hugging Face integration: adapters in BERT-family encoders and decoder LLMs."""
 
 from .adapterhub import load_adapterhub, save_adapterhub
 from .checkpoint import load_adapters, save_adapters
 from .config import AdapterConfig
+from .distributed import shard_model
 from .model import (
     active_adapter,
     adapter_configs,
@@ -28,4 +29,5 @@ __all__ = [
     "save_adapterhub",
     "save_adapters",
     "set_active_adapter",
+    "shard_model",
 ]

@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import __version__
 from .config import AdapterConfig
-from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter
+from .distributed import barrier, copy_into, is_sharded, writes_files
+from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter, set_active_adapter
 
 CONFIG_FILE = "fastadapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -25,7 +26,9 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> None:
-    """Write adapter ``name`` (or all adapters) of ``model`` to ``directory``; never the base model."""
+    """Write adapter ``name`` (or all adapters) of ``model`` to ``directory``; never the base model.
+    On a model sharded by FSDP2 every rank must call it: the adapters are gathered, rank 0
+    writes them whole, and every rank returns once they are written."""
     from safetensors.torch import save_file
 
     configs = adapter_configs(model)
@@ -36,8 +39,11 @@ def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
         if n not in configs:
             raise ValueError(f"no adapter named {n!r}; the model has: {', '.join(configs)}")
     tensors = {}
-    for n in names:
+    for n in names:  # sharded by FSDP2: gathered on every rank, written by rank 0
         tensors.update({k: v.contiguous().cpu() for k, v in adapter_state_dict(model, n).items()})
+    if is_sharded(model) and not writes_files():
+        barrier()
+        return
     os.makedirs(directory, exist_ok=True)
     meta = {
         "format": "fastadapter",
@@ -48,6 +54,8 @@ def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
+    if is_sharded(model):
+        barrier()
 
 
 def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> list[str]:
@@ -55,6 +63,9 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
 
     The model must match the one they were saved from (model type and hidden size); on
     any mismatch nothing is added. Returns the names loaded; the last one is active.
+
+    A model sharded by FSDP2 cannot take new parameters: there the adapters must have been
+    added (same names, same configs) before sharding, and their shards are filled in.
     """
     from safetensors.torch import load_file
 
@@ -73,9 +84,12 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
     for n in names:
         if n not in saved:
             raise ValueError(f"{directory} has no adapter {n!r}; it has: {', '.join(saved)}")
-        if n in adapter_configs(model):
+        if n in adapter_configs(model) and not is_sharded(model):
             raise ValueError(f"the model already has an adapter named {n!r}")
     weights = load_file(os.path.join(directory, WEIGHTS_FILE))
+    if is_sharded(model):
+        _load_into_shards(model, directory, names, saved, weights)
+        return names
     added = []
     try:
         for n in names:
@@ -95,3 +109,26 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
             remove_adapter(model, n)
         raise
     return names
+
+
+def _load_into_shards(model: nn.Module, directory: str, names: list[str], saved: dict, weights: dict) -> None:
+    """Fill the shards of adapters that a sharded model already has with saved weights."""
+    configs = adapter_configs(model)
+    params = dict(model.named_parameters())
+    for n in names:
+        if n not in configs:
+            raise ValueError(f"the model is sharded (FSDP2) and has no adapter {n!r} to load into: add the adapters "
+                             f"before sharding, then load them (it has: {', '.join(configs) or 'none'})")  # fmt: skip
+        if configs[n].to_dict() != AdapterConfig.from_dict(saved[n]).to_dict():
+            raise ValueError(f"adapter {n!r} of the sharded model has another config than the one in {directory}")
+        own = [k for k in params if f"adapters.{n}." in k]
+        theirs = {k: v for k, v in weights.items() if f"adapters.{n}." in k}
+        if sorted(own) != sorted(theirs):
+            raise ValueError(f"adapter {n!r} does not fit this model: missing {sorted(set(own) - set(theirs))[:4]}, "
+                             f"unexpected {sorted(set(theirs) - set(own))[:4]}")  # fmt: skip
+        for k in own:
+            want = tuple(params[k].shape)  # a DTensor's shape is the whole tensor's
+            if tuple(theirs[k].shape) != want:
+                raise ValueError(f"adapter {n!r}: {k} has shape {tuple(theirs[k].shape)}, the model needs {want}")
+            copy_into(params[k], theirs[k])
+    set_active_adapter(model, names[-1])

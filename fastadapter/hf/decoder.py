@@ -25,7 +25,10 @@ the residual in its epilogue (the block then adds x): houlsby F + A(F) on ``attn
 input.
 
 Several active adapters (inside ``adapter_routing``) run the mixed-adapter op at each
-site, and the model's own norm after it.
+site, and the model's own norm after it. Under FSDP2 (a layer that is an ``FSDPModule``) there is
+no handover either: the feed-forward site's norm belongs to the next unit, sharded while
+this one runs, and FSDP2 starts a unit's backward from its output. Where there is no
+handover, the feed-forward site is the adapter op with x + F its residual.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ from torch import nn
 from ..ops.adapter import fused_adapter
 from ..ops.adapter_rmsnorm import adapter_rmsnorm
 from .sites import Site
+
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # a torch built without distributed
+    _FSDPModule = None
 
 _HANDOFF = "_fastadapter_handoff"  # norm module attribute: (weakref to y, y's version, y_normed)
 _OWNER_NORM = "_fastadapter_norm_after"  # Llama mlp attribute: the norm after its site
@@ -60,14 +68,20 @@ def _site_input(placement: str, f: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return x if placement == "parallel" else x + f
 
 
-def _site(owner: nn.Module, names, f: torch.Tensor, x: torch.Tensor, norm: nn.Module):
+def _site(owner: nn.Module, names, f: torch.Tensor, x: torch.Tensor, norm: nn.Module | None):
     """(y, y_normed or None) of a Llama-family site: one adapter_rmsnorm op, or several routed
-    adapters through the mixed-adapter op (y_normed None: the model's norm computes it)."""
+    adapters through the mixed-adapter op (y_normed None: the model's norm computes it).
+    With no norm given, the site is the adapter op with x + F its residual."""
     state = _state()
     placement = state._placement_of(owner, names)
     if isinstance(names, tuple):
         return state._Routed(owner, names, f)(_site_input(placement, f, x), x + f), None
     adapter = owner.adapters[names]
+    if norm is None:
+        y = fused_adapter(_site_input(placement, f, x), adapter.down.weight, adapter.down.bias, adapter.up.weight,
+                          adapter.up.bias, activation=adapter.activation, scaling=adapter.scaling, residual=x + f,
+                          backend=adapter.backend)  # fmt: skip
+        return y, None
     return adapter_rmsnorm(
         f, x, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, norm.weight, placement=placement,
         eps=norm.variance_epsilon, activation=adapter.activation, scaling=adapter.scaling, backend=adapter.backend,
@@ -75,7 +89,13 @@ def _site(owner: nn.Module, names, f: torch.Tensor, x: torch.Tensor, norm: nn.Mo
 
 
 def _handover(layer: nn.Module) -> bool:
-    return not (getattr(layer, "gradient_checkpointing", False) and layer.training) and not torch.compiler.is_compiling()
+    """Whether the feed-forward site may hand its normed output to the next norm. Not under
+    gradient checkpointing (a recomputed layer computes its own norm), torch.compile, or
+    FSDP2: a unit's backward starts from a hook on its output, which the gradient would then
+    bypass, and the next norm's weight is another unit's, sharded while this one runs."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        return False
+    return not torch.compiler.is_compiling() and not (_FSDPModule is not None and isinstance(layer, _FSDPModule))
 
 
 _ARG_NAMES: dict = {}  # a cache: layer class -> its forward's parameter names after hidden_states
@@ -107,9 +127,9 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwarg
     f = mlp(norm(y) if normed is None else normed)
     if m_names is None:
         return y + f
-    after = mlp.__dict__[_OWNER_NORM]
+    after = mlp.__dict__[_OWNER_NORM] if _handover(layer) else None
     out, normed = _site(mlp, m_names, f, y, after)
-    if normed is not None and _handover(layer):
+    if normed is not None:
         after.__dict__[_HANDOFF] = (weakref.ref(out, functools.partial(_drop, weakref.ref(after))), out._version, normed)
     return out
 

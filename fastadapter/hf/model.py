@@ -45,6 +45,7 @@ from ..modules import FusedAdapter
 from ..ops.adapter_layernorm import adapter_layernorm
 from ..ops.mixed_adapter import mixed_adapter, stack_adapters
 from .config import AdapterConfig
+from .distributed import full, is_sharded
 from .sites import Site, find_sites
 
 _CONFIGS = "_fastadapter_configs"  # model attribute: {name: AdapterConfig}
@@ -219,6 +220,9 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None, name:
         raise TypeError(f"config must be a fastadapter.AdapterConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name must be an identifier (letters, digits, _ or -), got {name!r}")
+    if is_sharded(model):
+        raise ValueError("add adapters before sharding the model: FSDP2 manages only the parameters a module has when "
+                         "fully_shard is called (add_adapters, or load_adapters, then fastadapter.shard_model)")  # fmt: skip
     configs = model.__dict__.setdefault(_CONFIGS, {})
     if name in configs:
         raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
@@ -352,7 +356,8 @@ def mark_only_adapters_trainable(model: nn.Module, train_head: bool = True) -> d
 
 
 def adapter_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """The adapters' parameters (all, or those of adapter ``name``) under their model names."""
+    """The adapters' parameters (all, or those of adapter ``name``) under their model names,
+    whole: on a model sharded by FSDP2 they are gathered, so every rank must call it."""
     configs = model.__dict__.get(_CONFIGS, {})
     if name is not None and name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")
@@ -361,5 +366,5 @@ def adapter_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str
     for pname, p in model.named_parameters():
         m = re.search(r"(?:^|\.)adapters\.([^.]+)\.", pname)
         if m and m.group(1) in names:
-            out[pname] = p.detach()
+            out[pname] = full(p.detach())
     return out

@@ -146,3 +146,11 @@ def find_sites(model: nn.Module) -> list[Site]:
     if not sites:
         raise ValueError(f"found no transformer layers fastadapter knows in {type(model).__name__}: looked for {LOOKED_FOR}")
     return sites
+
+
+def layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer layers (Llama-family layers, GPT-2 blocks, BERT-family and
+    DistilBERT layers), in order."""
+    found = [m for _, m in model.named_modules() if _llama_layer(m) or _gpt2_block(m) or _bert_layer(m) or _distil_layer(m)]
+    # a matched layer never nests another (a BERT layer's parts are not layers)
+    return [m for m in found if not any(m is not o and any(m is s for s in o.modules()) for o in found)]
