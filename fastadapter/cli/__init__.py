@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                         "batches that mix them (BERT: default --max-steps 150); each task is also trained alone "
                         "for the same steps, for comparison")  # fmt: skip
     t.add_argument("--no-single", action="store_true", help="with --tasks: skip the single-task comparison runs")
+    par = t.add_mutually_exclusive_group()
+    par.add_argument("--fsdp", dest="mode", action="store_const", const="fsdp",
+                     help="under torchrun: the model sharded over the processes (FSDP2), each a part of every batch")  # fmt: skip
+    par.add_argument("--ddp", dest="mode", action="store_const", const="ddp",
+                     help="under torchrun: the model replicated (DDP), each process a part of every batch")  # fmt: skip
 
     pr = sub.add_parser("predict", help="classify texts with the adapters and heads of a `train --tasks` run")
     pr.add_argument("--run", default="runs/multi", help="the run's output folder")
@@ -124,6 +129,7 @@ def train(args) -> dict:
     import torch
 
     from .common import is_decoder, model_path, parse_tasks
+    from .processes import Processes
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = parse_tasks(args.tasks or args.task)
@@ -136,21 +142,27 @@ def train(args) -> dict:
         args.output = os.path.join("runs", f"{model}-{'-'.join(tasks)}" if decoder else "multi" if args.tasks else tasks[0])
     if args.threads:
         torch.set_num_threads(args.threads)
-    if decoder:
-        from . import lm
+    if args.tasks and not decoder and args.mode:
+        raise SystemExit(f"--{args.mode} trains one BERT task, or decoders with one task or several; not BERT with --tasks")
+    procs = Processes(args.mode)  # one process unless --fsdp or --ddp under torchrun
+    try:
+        if decoder:
+            from . import lm
 
-        return lm.train(args, tasks)
-    if args.tasks:
-        from . import multitask
+            return lm.train(args, tasks, procs)
+        if args.tasks:
+            from . import multitask
 
-        if args.max_steps is None:
-            args.max_steps = 150
-        args.no_single = args.no_single or len(tasks) == 1
-        return multitask.train_multitask(args, tasks)
-    from .encoder import train as train_encoder
+            if args.max_steps is None:
+                args.max_steps = 150
+            args.no_single = args.no_single or len(tasks) == 1
+            return multitask.train_multitask(args, tasks)
+        from .encoder import train as train_encoder
 
-    args.task = tasks[0]
-    return train_encoder(args)
+        args.task = tasks[0]
+        return train_encoder(args, procs)
+    finally:
+        procs.close()
 
 
 def main(argv=None) -> int:

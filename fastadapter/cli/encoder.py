@@ -1,6 +1,7 @@
 """``fastadapter train`` on a BERT-family encoder: adapters and a classification head on one
 task (BBC News topics by default), held-out accuracy before, during and after, the adapters,
-head, metrics and a plot of the curves in ``--output``."""
+head, metrics and a plot of the curves in ``--output``. Under torchrun with ``--fsdp`` or
+``--ddp`` each process runs its part of every batch (fastadapter/cli/processes.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import torch
 
 from .common import load_task, model_path, warmup_then_linear
+from .processes import Processes, peak_rss_mib
 
 
 def _batches(encodings, labels, indices, batch_size, shuffle, rng):
@@ -25,24 +27,32 @@ def _batches(encodings, labels, indices, batch_size, shuffle, rng):
 
 
 @torch.no_grad()
-def evaluate(model, encodings, labels, indices, batch_size) -> dict:
+def evaluate(model, encodings, labels, indices, batch_size, procs=None) -> dict:
+    """Held-out accuracy and loss; with several processes each takes its share of the
+    examples and the counts are summed."""
+    procs = procs or Processes(None)
     model.eval()
-    correct, loss_sum, seen = 0, 0.0, 0
-    for batch, y in _batches(encodings, labels, indices, batch_size, False, None):
-        out = model(**batch, labels=y)
-        correct += int((out.logits.argmax(-1) == y).sum())
-        loss_sum += float(out.loss) * len(y)
-        seen += len(y)
+    correct, loss_sum = 0, 0.0
+    for rows, counted in procs.eval_batches(list(indices), batch_size):
+        idx = torch.tensor(rows)
+        logits = model(**{k: v[idx] for k, v in encodings.items()}).logits[:counted].float()
+        y = labels[idx[:counted]]
+        correct += int((logits.argmax(-1) == y).sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    correct, loss_sum = procs.sum(correct, loss_sum)
+    seen = len(indices)
     return {"accuracy": correct / max(seen, 1), "loss": loss_sum / max(seen, 1), "examples": seen}
 
 
-def train(args) -> dict:
+def train(args, procs: Processes | None = None) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import fastadapter as fa
+    from fastadapter.hf.distributed import full
 
-    torch.manual_seed(args.seed)
+    procs = procs or Processes(None)
+    torch.manual_seed(args.seed)  # the same head and adapters in every process
     rng = random.Random(args.seed)
     texts, labels, names = load_task(args.task, args.limit_per_label, args.seed)
     n_eval = max(1, int(len(texts) * args.eval_fraction))
@@ -56,12 +66,15 @@ def train(args) -> dict:
     )
     fa.add_adapters(model, config, args.task)
     counts = fa.mark_only_adapters_trainable(model, train_head=True)
-    print(
+    shared = f"; each of {procs.world} processes ({procs.mode}) a part of every batch" if procs.world > 1 else ""
+    procs.print(
         f"{model.config.model_type} from {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}): "
         f"{counts['total'] / 1e6:.1f}M parameters, "
         f"training {counts['trainable'] / 1e3:.0f}k ({counts['adapters'] / 1e3:.0f}k in {config.placement} adapters); "
-        f"backends: {fa.available_backends()}"
+        f"backends: {fa.available_backends()}{shared}"
     )
+    hf_model, model = model, procs.wrap(model)
+    torch.manual_seed(args.seed + procs.rank)  # each process its own dropout draws
     enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
     y = torch.tensor(labels)
 
@@ -69,24 +82,28 @@ def train(args) -> dict:
     total = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sched = warmup_then_linear(opt, total)
-    before = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+    before = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
     history = [{"step": 0, "accuracy": before["accuracy"], "eval_loss": before["loss"]}]
     step, start, losses, eval_seconds = 0, time.perf_counter(), [], 0.0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not sys.stderr.isatty())
+    bar = tqdm(total=total, desc="train", unit="step", disable=not (sys.stderr.isatty() and procs.main))
     while step < total:
         model.train()
-        for batch, target in _batches(enc, y, train_idx, args.batch_size, True, rng):
-            loss = model(**batch, labels=target).loss
+        for batch, target in _batches(enc, y, train_idx, args.batch_size, True, rng):  # the same in every process
+            rows, weight = procs.part(list(range(len(target))))
+            idx = torch.tensor(rows)
+            loss = model(**{k: v[idx] for k, v in batch.items()}, labels=target[idx]).loss
+            if weight != 1.0:  # a part of the batch: its share of the batch's mean
+                loss = loss * weight
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(procs.sum(loss.item())[0] / procs.world)
             step += 1
             history.append({"step": step, "loss": losses[-1]})
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 t0 = time.perf_counter()
-                ev = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+                ev = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
                 history.append({"step": step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
                 eval_seconds += time.perf_counter() - t0
                 model.train()
@@ -96,12 +113,18 @@ def train(args) -> dict:
                 break
     bar.close()
     elapsed = time.perf_counter() - start - eval_seconds
-    after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size)
+    after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
     history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
+    peaks = [round(m) for (m,) in procs.gather([peak_rss_mib()])]
 
+    # sharded: every process gathers, the first writes; replicated: the first writes
+    if procs.mode == "fsdp" or procs.main:
+        fa.save_adapters(hf_model, os.path.join(args.output, "adapters"), name=args.task)
+    head = {k: full(v) for k, v in hf_model.state_dict().items() if not k.startswith(hf_model.base_model_prefix + ".")}
+    if not procs.main:
+        procs.barrier()
+        return {"eval_after": after}
     os.makedirs(args.output, exist_ok=True)
-    fa.save_adapters(model, os.path.join(args.output, "adapters"), name=args.task)
-    head = {k: v for k, v in model.state_dict().items() if not k.startswith(model.base_model_prefix + ".")}
     torch.save(head, os.path.join(args.output, "head.pt"))
     metrics = {
         "model": path,
@@ -110,6 +133,9 @@ def train(args) -> dict:
         "placement": config.placement,
         "steps": step,
         "train_seconds": round(elapsed, 1),
+        "processes": procs.world,
+        "mode": procs.mode or "one process",
+        "peak_rss_mib": peaks,
         "first_loss": losses[0],
         "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
         "eval_before": before,
@@ -122,7 +148,7 @@ def train(args) -> dict:
 
     why_not = plots.available()
     if why_not is None:
-        title = f"{args.model} ({model.config.model_type}), {config.placement} adapters, {args.task}: {step} steps"
+        title = f"{args.model} ({hf_model.config.model_type}), {config.placement} adapters, {args.task}: {step} steps"
         curve = plots.training_curve(history, os.path.join(args.output, "curve.png"), title=title)
     else:
         curve = f"no plot ({why_not})"
@@ -131,4 +157,5 @@ def train(args) -> dict:
         f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {after['examples']} examples; "
         f"saved to {args.output}; curves: {curve}"
     )
+    procs.barrier()
     return metrics

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import BUNDLED, load_task, mixed_batches, model_path, read_run, warmup_then_linear
+from .processes import Processes, peak_rss_mib
 
 # task -> (text before the example, text after it)
 PROMPTS = {"bbc": ("Article: ", "\nTopic:"), "sentiment": ("Tweet: ", "\nSentiment:")}
@@ -63,22 +64,21 @@ def load_data(task: str, tokenizer, args) -> dict:
             "eval": list(range(n_eval)), "train": list(range(n_eval, len(texts)))}  # fmt: skip
 
 
-def _collate(prompts: list[list[int]], pad_id: int, left: bool = False):
-    """Padded ids, the attention mask, and each row's last prompt position (right padding)."""
+def _collate(prompts: list[list[int]], pad_id: int):
+    """Padded ids and the attention mask, the padding on the left: every prompt ends at the
+    last position, where its next token is read (and where ``generate`` continues it)."""
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for b, p in enumerate(prompts):
-        cols = slice(length - len(p), length) if left else slice(0, len(p))
-        ids[b, cols], mask[b, cols] = torch.tensor(p), 1
-    last = torch.tensor([length - 1 if left else len(p) - 1 for p in prompts])
-    return ids, mask, last
+        ids[b, length - len(p) :], mask[b, length - len(p) :] = torch.tensor(p), 1
+    return ids, mask
 
 
-def next_token_logits(model, ids, mask, last) -> torch.Tensor:
-    """Logits of the token after each row's prompt: the LM head on those positions only."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    return model.get_output_embeddings()(hidden[torch.arange(len(ids)), last])
+def next_token_logits(model, ids, mask) -> torch.Tensor:
+    """Logits of the token after each row's prompt: the LM head on the last position only.
+    ``model`` may be sharded (FSDP2) or wrapped (DDP): it is called as a whole."""
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1]
 
 
 def _routed(model, count: int, ids: torch.Tensor):
@@ -86,24 +86,27 @@ def _routed(model, count: int, ids: torch.Tensor):
 
     import fastadapter as fa
 
-    return fa.adapter_routing(model, ids) if count > 1 else contextlib.nullcontext()
+    return fa.adapter_routing(Processes.inner(model), ids) if count > 1 else contextlib.nullcontext()
 
 
 @torch.no_grad()
-def evaluate(model, data: dict, task_index: int, count: int, pad_id: int, batch_size: int) -> dict:
+def evaluate(model, data: dict, task_index: int, count: int, pad_id: int, batch_size: int, procs=None) -> dict:
+    """Held-out accuracy, choice accuracy and loss; with several processes each takes its
+    share of the examples and the counts are summed."""
+    procs = procs or Processes(None)
     model.eval()
     right = chosen = 0
     loss = 0.0
     answers = torch.tensor(data["answers"])
-    for i in range(0, len(data["eval"]), batch_size):
-        rows = data["eval"][i : i + batch_size]
-        ids, mask, last = _collate([data["prompts"][r] for r in rows], pad_id)
-        target = answers[torch.tensor([data["y"][r] for r in rows])]
+    for rows, counted in procs.eval_batches(data["eval"], batch_size):
+        ids, mask = _collate([data["prompts"][r] for r in rows], pad_id)
         with _routed(model, count, torch.full((len(rows),), task_index)):
-            logits = next_token_logits(model, ids, mask, last).float()
+            logits = next_token_logits(model, ids, mask).float()[:counted]
+        target = answers[torch.tensor([data["y"][r] for r in rows[:counted]], dtype=torch.long)]
         right += int((logits.argmax(-1) == target).sum())
         chosen += int((answers[logits[:, answers].argmax(-1)] == target).sum())
         loss += float(F.cross_entropy(logits, target, reduction="sum"))
+    right, chosen, loss = procs.sum(right, chosen, loss)
     n = max(1, len(data["eval"]))
     return {"accuracy": right / n, "choice_accuracy": chosen / n, "loss": loss / n, "examples": len(data["eval"])}
 
@@ -125,8 +128,9 @@ def load_model(path: str, names: list[str], config=None, directory: str | None =
     return model
 
 
-def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str):
-    """Adapters for ``datasets`` on a fresh copy of the model; batches mix the tasks."""
+def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, procs: Processes):
+    """Adapters for ``datasets`` on a fresh copy of the model; batches mix the tasks; with
+    several processes each runs its part of every batch."""
     from tqdm.auto import tqdm
 
     import fastadapter as fa
@@ -137,15 +141,17 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str):
     config = fa.AdapterConfig(
         placement=args.placement, reduction_factor=args.reduction_factor, activation=args.activation, backend=args.backend
     )
-    model = load_model(path, names, config)
+    model = load_model(path, names, config)  # the same adapters in every process: the same seed
     counts = fa.mark_only_adapters_trainable(model, train_head=False)
+    model = procs.wrap(model)
+    torch.manual_seed(args.seed + procs.rank)  # each process its own dropout draws, if the model has dropout
     total = args.max_steps
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sched = warmup_then_linear(opt, total)
     batch_size = 2 * args.batch_size
 
     def scores(step: int) -> dict:
-        out = {d["name"]: evaluate(model, d, i, len(names), pad_id, batch_size) for i, d in enumerate(datasets)}
+        out = {d["name"]: evaluate(model, d, i, len(names), pad_id, batch_size, procs) for i, d in enumerate(datasets)}
         for t, s in out.items():
             history.append({"step": step, "task": t, "accuracy": s["accuracy"], "eval_loss": s["loss"]})
         return out
@@ -156,20 +162,22 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str):
     answers = [torch.tensor(d["answers"]) for d in datasets]
     losses, eval_seconds = [], 0.0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty())
+    bar = tqdm(total=total, desc=label, unit="step", disable=not (sys.stderr.isatty() and procs.main))
     for step in range(1, total + 1):
         model.train()
-        rows = next(batches)
-        ids, mask, last = _collate([datasets[t]["prompts"][i] for t, i in rows], pad_id)
+        rows, weight = procs.part(next(batches))  # the same global batch in every process
+        ids, mask = _collate([datasets[t]["prompts"][i] for t, i in rows], pad_id)
         task_ids = torch.tensor([t for t, _ in rows])
         target = torch.stack([answers[t][datasets[t]["y"][i]] for t, i in rows])
         with _routed(model, len(names), task_ids):
-            loss = F.cross_entropy(next_token_logits(model, ids, mask, last).float(), target)
+            loss = F.cross_entropy(next_token_logits(model, ids, mask).float(), target)
+            if weight != 1.0:  # a part of the batch: its share of the batch's mean
+                loss = loss * weight
             loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(procs.sum(loss.item())[0] / procs.world)
         history.append({"step": step, "loss": losses[-1]})
         if args.eval_every and step % args.eval_every == 0 and step < total:
             t0 = time.perf_counter()
@@ -181,12 +189,14 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str):
     seconds = time.perf_counter() - start - eval_seconds
     after = scores(total)
     return model, {"steps": total, "batch_size": args.batch_size, "train_seconds": round(seconds, 1),
+                   "processes": procs.world, "mode": procs.mode or "one process",
+                   "peak_rss_mib": [round(m) for (m,) in procs.gather([peak_rss_mib()])],
                    "trainable": counts["trainable"], "first_loss": losses[0],
                    "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
                    "eval_before": before, "eval_after": after, "history": history}  # fmt: skip
 
 
-def train(args, tasks: list[str]) -> dict:
+def train(args, tasks: list[str], procs: Processes) -> dict:
     """``fastadapter train`` on a decoder: one task, or several with ``--tasks``."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -199,20 +209,26 @@ def train(args, tasks: list[str]) -> dict:
     pad_id = _pad_id(tokenizer)
     datasets = [load_data(t, tokenizer, args) for t in tasks]
     cfg = AutoConfig.from_pretrained(path)
-    print(f"{cfg.model_type} from {path} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}): {args.placement} "
-          f"adapters for {', '.join(tasks)}, {args.max_steps} steps of batch {args.batch_size}", flush=True)  # fmt: skip
+    shared = f", each of {procs.world} processes ({procs.mode}) a part" if procs.world > 1 else ""
+    procs.print(f"{cfg.model_type} from {path} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}): "
+                f"{args.placement} adapters for {', '.join(tasks)}, {args.max_steps} steps of batch {args.batch_size}{shared}",
+                flush=True)  # fmt: skip
     started = time.perf_counter()
-    model, multi = train_tasks(datasets, args, path, pad_id, "+".join(tasks))
+    model, multi = train_tasks(datasets, args, path, pad_id, "+".join(tasks), procs)
     single = {}
     if len(tasks) > 1 and not args.no_single:
         for d in datasets:
-            single[d["name"]] = train_tasks([d], args, path, pad_id, d["name"] + " alone")[1]
-    os.makedirs(args.output, exist_ok=True)
-    for t in tasks:
-        fa.save_adapters(model, os.path.join(args.output, "adapters", t), name=t)
+            single[d["name"]] = train_tasks([d], args, path, pad_id, d["name"] + " alone", procs)[1]
+    for t in tasks:  # sharded: every process gathers, the first writes; replicated: the first writes
+        if procs.mode == "fsdp" or procs.main:
+            fa.save_adapters(Processes.inner(model), os.path.join(args.output, "adapters", t), name=t)
+    if not procs.main:
+        procs.barrier()
+        return {**multi, "single": single}
     run = {"kind": "lm", "model": args.model if args.model in BUNDLED else os.path.abspath(path), "tasks": tasks,
            "labels": {d["name"]: d["labels"] for d in datasets}, "prompt_tokens": args.max_length,
-           "placement": fa.adapter_configs(model)[tasks[0]].placement}  # fmt: skip
+           "placement": fa.adapter_configs(Processes.inner(model))[tasks[0]].placement}  # fmt: skip
+    os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "run.json"), "w") as f:
         json.dump(run, f, indent=2)
     metrics = {**run, **multi, "single": single, "total_seconds": round(time.perf_counter() - started, 1)}
@@ -233,6 +249,7 @@ def train(args, tasks: list[str]) -> dict:
         print(f"  {t}: {b['accuracy']:.3f} -> {a['accuracy']:.3f} ({b['choice_accuracy']:.3f} -> {a['choice_accuracy']:.3f}) "
               f"on {a['examples']} examples{alone}")  # fmt: skip
     print(f"saved to {args.output} ({metrics['total_seconds']:.0f}s in all); curves: {curve}")
+    procs.barrier()
     return metrics
 
 
@@ -253,7 +270,7 @@ def generate(directory: str, items: list[tuple[str, str]], max_new_tokens: int =
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        ids, mask, _ = _collate([prompt_ids(tokenizer, t, text, run["prompt_tokens"]) for t, text in chunk], pad_id, left=True)
+        ids, mask = _collate([prompt_ids(tokenizer, t, text, run["prompt_tokens"]) for t, text in chunk], pad_id)
         with _routed(model, len(run["tasks"]), torch.tensor([run["tasks"].index(t) for t, _ in chunk])):
             new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad_id)[:, ids.shape[1] :]  # fmt: skip
