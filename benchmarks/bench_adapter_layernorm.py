@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import fastadapter as fa
-from fastadapter import backends, bench
+from fastadapter import backends
+from fastadapter.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import fastadapter as fa
-from fastadapter import backends, bench
+from fastadapter import backends
+from fastadapter.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import fastadapter as fa
-from fastadapter import backends, bench
+from fastadapter import backends
+from fastadapter.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -49,7 +50,7 @@ def _loop(x, index, wd, bd, wu, bu, adapter):
     y = x.clone()
     for a in range(wd.shape[0]):
         rows = (index == a).nonzero().view(-1)
-        y = y.index_copy(0, rows, adapter(x[rows], wd[a], bd[a], wu[a], bu[a]))
+        y.index_copy_(0, rows, adapter(x[rows], wd[a], bd[a], wu[a], bu[a]))
     return y
 
 

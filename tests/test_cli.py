@@ -256,3 +256,17 @@ def test_encoder_train_under_torchrun_with_ddp_and_refusals(tmp_path, monkeypatc
         cli.main(["train", "--fsdp", "--max-steps", "1", "--output", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not BERT with --tasks"):
         cli.main(["train", "--ddp", "--tasks", "bbc,sentiment", "--output", str(tmp_path / "x")])
+
+
+def test_every_benchmark_file_collects():
+    """benchmarks/ is what device_check.sh and `make bench` run: every file must import."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "benchmarks"],
+                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    collected = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+    files = {f"benchmarks/{f}" for f in os.listdir(os.path.join(root, "benchmarks")) if f.startswith("bench_")}
+    assert collected == files, files - collected

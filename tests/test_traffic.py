@@ -136,3 +136,46 @@ def test_decoder_site_counts_scale_linearly_and_stay_under_the_compositions():
             assert fwd.model / (32768 * d * 2) <= 4.3  # h and r read, y and y_normed written, z
     assert totals["triton"] <= 0.55 * totals["eager"], totals
     assert totals["triton"] < totals["op+add+rms"], totals
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen ops a function runs, forward and backward."""
+
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of(fn, *inputs) -> list[str]:
+    with _AtenOps() as mode:
+        fn(*inputs).sum().backward()
+    return mode.ops
+
+
+def test_eager_baselines_are_written_as_users_write_them():
+    """No multiply by a scaling of 1 in any eager adapter baseline (bench, traffic, memory), and
+    the mixed loop writes each adapter's rows in place (no copy of y per adapter)."""
+    from benchmarks import bench_mixed_adapter
+    from fastadapter import FusedAdapter
+    from fastadapter.cli import bench, memory
+
+    n, d, r = 12, 8, 4
+    x, wd, bd, wu, bu = (torch.randn(*s, requires_grad=True) for s in ((n, d), (r, d), (r,), (d, r), (d,)))
+    assert bench.SCALING == 1.0
+    for fn in (bench.eager_adapter, traffic.eager_adapter):
+        assert "mul" not in _ops_of(fn, x, wd, bd, wu, bu), fn.__module__
+    module = FusedAdapter(d, r)
+    assert "mul" not in _ops_of(lambda t: memory.eager_adapter_forward(module, t), x)
+    ln_w, ln_b = torch.ones(d), torch.zeros(d)
+    site = _ops_of(lambda h: memory.eager_site(h, x.detach(), wd, bd, wu, bu, ln_w, ln_b, placement="houlsby", eps=1e-5,
+                                               activation="gelu", scaling=1.0), x)  # fmt: skip
+    assert "mul" not in site
+    index = torch.arange(n) % 3
+    weights = [torch.randn(3, *t.shape) for t in (wd, bd, wu, bu)]
+    for loop in (traffic.eager_mixed, lambda *t: bench_mixed_adapter._loop(*t, bench_mixed_adapter._eager_adapter)):
+        ops = _ops_of(loop, x, index, *weights)
+        assert ops.count("index_copy_") == 3 and "index_copy" not in ops, ops

@@ -109,7 +109,8 @@ def eager_site(h, r, w_down, b_down, w_up, b_up, ln_weight, ln_bias, *, placemen
     d = h.shape[-1]
 
     def f(u):
-        return scaling * F.linear(act(F.linear(u, w_down, b_down), activation), w_up, b_up)
+        v = F.linear(act(F.linear(u, w_down, b_down), activation), w_up, b_up)
+        return v if scaling == 1.0 else scaling * v
 
     if placement == "pfeiffer":
         t = h + r

@@ -268,9 +268,7 @@ def _tensors(tree):
 def eager_adapter(x, w_down, b_down, w_up, b_up, scaling=1.0):
     """What a user writes by hand: down, activation, up, (scaling,) residual add."""
     u = F.linear(F.gelu(F.linear(x, w_down, b_down)), w_up, b_up)
-    if scaling != 1.0:
-        u = u * scaling
-    return x + u
+    return x + u if scaling == 1.0 else torch.add(x, u, alpha=scaling)
 
 
 def _count_module(fn, n, d, r, dtype, backward: bool) -> tuple[Count, Count]:
@@ -566,11 +564,11 @@ def _mixed_inputs(n, d, r, dtype, adapters, seed=0):
 
 def eager_mixed(x, index, w_down, b_down, w_up, b_up):
     """A loop over the adapters as a user writes it: each adapter's rows gathered, the eager
-    adapter, the result scattered back."""
+    adapter, the result written into its rows in place."""
     y = x.clone()
     for a in range(w_down.shape[0]):
         rows = (index == a).nonzero().view(-1)
-        y = y.index_copy(0, rows, eager_adapter(x.index_select(0, rows), w_down[a], b_down[a], w_up[a], b_up[a]))
+        y.index_copy_(0, rows, eager_adapter(x.index_select(0, rows), w_down[a], b_down[a], w_up[a], b_up[a]))
     return y
 
 
