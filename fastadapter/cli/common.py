@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -106,3 +108,31 @@ def read_tagged(path: str) -> list[tuple[str, str]]:
             task, text = line.rstrip("\n").split("\t", 1)
             items.append((task.strip(), text))
     return items
+
+
+class Progress:
+    """Training progress on stderr: a tqdm bar on a terminal; elsewhere (a file, a CI log) a
+    plain line every tenth of the run, so that a long run is never silent."""
+
+    def __init__(self, total: int, label: str, show: bool = True):
+        from tqdm.auto import tqdm
+
+        self.total, self.label, self.show, self.done = total, label, show, 0
+        self.bar = tqdm(total=total, desc=label, unit="step") if show and sys.stderr.isatty() else None
+        self.every = max(1, total // 10)
+        self.start = time.perf_counter()
+
+    def update(self, losses: list[float]) -> None:
+        """One more step; ``losses`` so far (the last 20 are averaged)."""
+        self.done += 1
+        loss = sum(losses[-20:]) / len(losses[-20:])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif self.show and (self.done % self.every == 0 or self.done == self.total):
+            seconds = time.perf_counter() - self.start
+            print(f"{self.label}: step {self.done}/{self.total}, loss {loss:.3f}, {seconds:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 
-from .common import load_task, model_path, warmup_then_linear
+from .common import Progress, load_task, model_path, warmup_then_linear
 from .processes import Processes, peak_rss_mib
 
 
@@ -45,7 +44,6 @@ def evaluate(model, encodings, labels, indices, batch_size, procs=None) -> dict:
 
 
 def train(args, procs: Processes | None = None) -> dict:
-    from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import fastadapter as fa
@@ -85,7 +83,7 @@ def train(args, procs: Processes | None = None) -> dict:
     before = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
     history = [{"step": 0, "accuracy": before["accuracy"], "eval_loss": before["loss"]}]
     step, start, losses, eval_seconds = 0, time.perf_counter(), [], 0.0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not (sys.stderr.isatty() and procs.main))
+    bar = Progress(total, "train", show=procs.main)
     while step < total:
         model.train()
         for batch, target in _batches(enc, y, train_idx, args.batch_size, True, rng):  # the same in every process
@@ -107,8 +105,7 @@ def train(args, procs: Processes | None = None) -> dict:
                 history.append({"step": step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
                 eval_seconds += time.perf_counter() - t0
                 model.train()
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            bar.update(losses)
             if step >= total:
                 break
     bar.close()

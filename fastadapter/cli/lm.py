@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .common import BUNDLED, load_task, mixed_batches, model_path, read_run, warmup_then_linear
+from .common import BUNDLED, Progress, load_task, mixed_batches, model_path, read_run, warmup_then_linear
 from .processes import Processes, peak_rss_mib
 
 # task -> (text before the example, text after it)
@@ -131,8 +130,6 @@ def load_model(path: str, names: list[str], config=None, directory: str | None =
 def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, procs: Processes):
     """Adapters for ``datasets`` on a fresh copy of the model; batches mix the tasks; with
     several processes each runs its part of every batch."""
-    from tqdm.auto import tqdm
-
     import fastadapter as fa
 
     torch.manual_seed(args.seed)
@@ -162,7 +159,7 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
     answers = [torch.tensor(d["answers"]) for d in datasets]
     losses, eval_seconds = [], 0.0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=label, unit="step", disable=not (sys.stderr.isatty() and procs.main))
+    bar = Progress(total, label, show=procs.main)
     for step in range(1, total + 1):
         model.train()
         rows, weight = procs.part(next(batches))  # the same global batch in every process
@@ -183,8 +180,7 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
             t0 = time.perf_counter()
             scores(step)
             eval_seconds += time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        bar.update(losses)
     bar.close()
     seconds = time.perf_counter() - start - eval_seconds
     after = scores(total)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import load_task, mixed_batches, model_path, read_run, warmup_then_linear
+from .common import Progress, load_task, mixed_batches, model_path, read_run, warmup_then_linear
 
 
 class MultiTaskClassifier(nn.Module):
@@ -103,7 +102,6 @@ def _collate(datasets, rows, pad_id: int):
 
 def train_tasks(datasets: list[dict], args, path: str, tokenizer, label: str) -> tuple[MultiTaskClassifier, dict]:
     """Adapters and heads for ``datasets`` on a fresh copy of the base model; batches mix them."""
-    from tqdm.auto import tqdm
     from transformers import AutoModel
 
     import fastadapter as fa
@@ -131,7 +129,7 @@ def train_tasks(datasets: list[dict], args, path: str, tokenizer, label: str) ->
     batches = mixed_batches(datasets, args.batch_size, rng)
     losses = []
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=label, unit="step", disable=not sys.stderr.isatty())
+    bar = Progress(total, label)
     model.train()
     for _ in range(total):
         ids, mask, task_ids, y = _collate(datasets, next(batches), tokenizer.pad_token_id)
@@ -142,8 +140,7 @@ def train_tasks(datasets: list[dict], args, path: str, tokenizer, label: str) ->
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        bar.update(losses)
     bar.close()
     seconds = time.perf_counter() - start
     scores = {d["name"]: evaluate(model, d, i, 2 * args.batch_size) for i, d in enumerate(datasets)}
