@@ -32,7 +32,8 @@ def _residual(mode, x, seed=7):
 
 
 def _battery():
-    """The full product on the CPU; on CUDA a covering set (every activation x dtype, every
+    """The full product on the CPU, the cpp backend at r = 7 (its ATen composition) and r = 12
+    (its AVX2 kernels, r >= 8); on CUDA a covering set (every activation x dtype, every
     residual mode x bias), since each combination compiles its own kernels there."""
     full = list(itertools.product(DTYPES, ACTIVATIONS, RESIDUALS, (True, False)))
     cover = [(dt, act, "x", True) for dt in DTYPES for act in ACTIVATIONS]
@@ -40,17 +41,17 @@ def _battery():
     params = []
     for case in BACKEND_DEVICES:
         backend, device = case.values
-        for dtype, act, res, bias in full if device == "cpu" else cover:
-            params.append(
-                pytest.param(backend, device, dtype, act, res, bias, marks=case.marks, id=f"{case.id}-{dtype}-{act}-{res}-{bias}")
-            )
+        ranks = (7, 12) if backend == "cpp" else (7,) if device == "cpu" else (64,)
+        for (dtype, act, res, bias), r in itertools.product(full if device == "cpu" else cover, ranks):
+            params.append(pytest.param(backend, device, dtype, act, res, bias, r, marks=case.marks,
+                                       id=f"{case.id}-{dtype}-{act}-{res}-{bias}-r{r}"))  # fmt: skip
     return params
 
 
-@pytest.mark.parametrize("backend,device,dtype,activation,residual,bias", _battery())
-def test_matches_float64(backend, device, dtype, activation, residual, bias):
+@pytest.mark.parametrize("backend,device,dtype,activation,residual,bias,r", _battery())
+def test_matches_float64(backend, device, dtype, activation, residual, bias, r):
     require(backend, device, dtype)
-    n, d, r = (37, 100, 7) if device == "cpu" else (4099, 768, 64)
+    n, d = (37, 100) if device == "cpu" else (4099, 768)
     x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, device=device, bias=bias, seed=zlib.crc32(f"{activation}{residual}".encode()))
     check_against_float64(backend, x, wd, bd, wu, bu, activation, scaling=0.75, residual=_residual(residual, x))
 
