@@ -1,7 +1,8 @@
-"""Three small Triton kernels that tests/test_gpu_compile.py expects the GPU compile
-check to fail, one per kind of failure: a compile error the interpreter does not see (a
-non-constexpr module global, as the gelu constants once were), a register spill, and a
-bf16 product that never reaches the tensor cores."""
+"""Small Triton kernels that tests/test_gpu_compile.py expects the GPU compile check to
+fail, one per kind of failure: a compile error the interpreter does not see (a
+non-constexpr module global, as the gelu constants once were), a register spill, a bf16
+product that never reaches the tensor cores, and a bf16 kernel with two products of which
+one is upcast to IEEE fp32 (its SASS still has tensor-core instructions, from the other)."""
 
 import torch
 import triton
@@ -38,6 +39,16 @@ def _product_off_tensor_cores(X, Y, BLOCK: tl.constexpr):
     tl.store(Y + m, tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :], axis=1))
 
 
+@triton.jit
+def _one_product_upcast(X, Y, BLOCK: tl.constexpr):
+    m = tl.arange(0, BLOCK)
+    a = tl.load(X + m[:, None] * BLOCK + m[None, :])
+    b = tl.load(X + m[:, None] + m[None, :] * BLOCK)
+    c = tl.dot(a, b)  # on the tensor cores
+    d = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")  # on the CUDA cores
+    tl.store(Y + m[:, None] * BLOCK + m[None, :], c + d)
+
+
 def gpu_launches():
     x = torch.randn(256 * 256).to(torch.bfloat16)
     y = torch.empty(256 * 256, dtype=torch.float32)
@@ -45,4 +56,5 @@ def gpu_launches():
         ("plain global", lambda: _uses_plain_global[(1,)](x, y, 64, BLOCK=64)),
         ("spill", lambda: _spills[(1,)](x, y, BLOCK=128, num_warps=1)),
         ("no tensor cores", lambda: _product_off_tensor_cores[(1,)](x, y, BLOCK=64)),
+        ("one product upcast", lambda: _one_product_upcast[(1,)](x, y, BLOCK=32)),
     ]
