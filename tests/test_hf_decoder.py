@@ -218,6 +218,35 @@ def test_routed_generation_gives_each_row_its_own_adapter(arch):
     assert torch.equal(routed, torch.stack(alone))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_routed_training_gives_each_row_its_own_adapter_gradients(arch, placement):
+    """A routed batch (rows of two adapters and one with none): the loss's adapter gradients
+    equal the sums of each row's gradients with its adapter alone."""
+    model = _model(arch)
+    for name, seed in (("a", 1), ("b", 2)):
+        fa.add_adapters(model, fa.AdapterConfig(placement=placement, bottleneck_size=8), name)
+        _randomize(model, name, seed=seed)
+    ids = torch.randint(3, 97, (4, 7), generator=torch.Generator().manual_seed(5))
+    route = [1, 0, -1, 1]
+
+    def loss(logits, rows):
+        return sum(F.cross_entropy(logits[i, :-1], ids[b, 1:]) for i, b in enumerate(rows))
+
+    for b, k in enumerate(route):
+        fa.set_active_adapter(model, None if k < 0 else "ab"[k])
+        loss(model(input_ids=ids[b : b + 1]).logits, [b]).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if ".adapters." in n and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    fa.set_active_adapter(model, ["a", "b"])
+    with fa.adapter_routing(model, route):
+        loss(model(input_ids=ids).logits, range(4)).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if ".adapters." in n and p.grad is not None}
+    assert got.keys() == want.keys() and len(got) == (16 if placement == "houlsby" else 8) * 3  # 4 tensors a site
+    for n in want:
+        assert rel_err(got[n], want[n]) <= 2e-5, n
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = _model("llama").train()
     fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", bottleneck_size=8), "t")
