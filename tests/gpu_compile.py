@@ -284,6 +284,44 @@ def _allowed_spill(row: Row) -> Optional[str]:
     return None
 
 
+class _Watched(list):
+    """A list of autotuning configs that notes its table key when a pruner reads it."""
+
+    def __init__(self, items, key, reached: set):
+        super().__init__(items)
+        self.key, self.reached = key, reached
+
+    def __iter__(self):
+        self.reached.add(self.key)
+        return super().__iter__()
+
+
+def watch_config_tables(prefix: str = "fastadapter.kernels.") -> dict[str, tuple[list, set]]:
+    """Each config table of the loaded kernel modules (a dict named ``*_CONFIGS``: the lists
+    a pruner chooses from, by kind of product and BLOCK_R or launch role), watched in place
+    so that every pruner's read of a list is noted: {"module.NAME": (its keys, keys reached)}.
+    A table imported into another module is the same dict, watched once."""
+    tables: dict[str, tuple[list, set]] = {}
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith(prefix) or module is None:
+            continue
+        for attr, table in sorted(vars(module).items()):
+            if not (attr.endswith("_CONFIGS") and isinstance(table, dict)):
+                continue
+            if table and all(isinstance(v, _Watched) for v in table.values()):
+                continue  # an alias of a table already watched
+            reached: set = set()
+            for key in list(table):
+                table[key] = _Watched(table[key], key, reached)
+            tables[f"{name.rsplit('.', 1)[1]}.{attr}"] = (list(table), reached)
+    return tables
+
+
+def unreached(tables: dict) -> list[str]:
+    """The table entries no launch made a pruner choose from."""
+    return [f"{label}[{key}]" for label, (keys, reached) in tables.items() for key in keys if tuple(key) not in reached]
+
+
 def failures(rows: list[Row]) -> tuple[list[str], list[str]]:
     """(failures, notes). Failures: compile errors; any spill not in SPILLS_ALLOWED; in a
     launch whose products belong on the tensor cores (fp16/bf16 operands, or TF32), any
@@ -350,10 +388,12 @@ def _in_processes(modules, targets, jobs) -> tuple[list[Row], int]:
         procs = []
         for i in range(jobs):
             out = os.path.join(tmp, f"{i}.json")
-            cmd = [sys.executable, "-m", "tests.gpu_compile", *modules, "--shard", f"{i}/{jobs}", "--json", out]
+            cmd = [sys.executable, "-m", "tests.gpu_compile", *modules, "--shard", f"{i}/{jobs}", "--json", out,
+                   "--tables", out + ".tables"]  # fmt: skip
             cmd += [a for t in targets for a in ("--target", str(t))]
             procs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
         rows: dict[tuple, Row] = {}
+        tables: dict[str, tuple[list, set]] = {}
         launches = 0
         for out, proc in procs:
             text, _ = proc.communicate()
@@ -363,7 +403,10 @@ def _in_processes(modules, targets, jobs) -> tuple[list[Row], int]:
             for r in json.load(open(out)):
                 row = Row(**r)
                 rows.setdefault(row.key, row)
-        return list(rows.values()), launches
+            for label, t in json.load(open(out + ".tables")).items():
+                keys, reached = tables.setdefault(label, ([tuple(k) for k in t["keys"]], set()))
+                reached.update(tuple(k) for k in t["reached"])
+        return list(rows.values()), launches, tables
 
 
 def main(argv=None) -> int:
@@ -371,6 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("modules", nargs="+", help="modules with a gpu_launches() generator, e.g. tests.test_adapter")
     p.add_argument("--target", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--tables", help="write each config table's keys and the keys the launches reached here")
     p.add_argument("--full", action="store_true", help="print every variant, not only the summary")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # i/n: this process's share of the launches
@@ -379,11 +423,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     targets = tuple(args.target or TARGETS)
     if args.jobs > 1:
-        rows, n_launches = _in_processes(args.modules, targets, args.jobs)
+        rows, n_launches, tables = _in_processes(args.modules, targets, args.jobs)
     else:
         launches = []
         for name in args.modules:
             launches.extend(importlib.import_module(name).gpu_launches())
+        tables = watch_config_tables()  # the kernel modules are loaded now
         i, n = (int(v) for v in args.shard.split("/"))
         mine = [(note, fn) for j, (note, fn) in enumerate(launches) if j % n == i]
         n_launches = len(mine)
@@ -392,11 +437,16 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    if args.tables:
+        with open(args.tables, "w") as f:
+            json.dump({k: {"keys": keys, "reached": sorted(reached, key=str)} for k, (keys, reached) in tables.items()}, f)
     print(summary(rows))
     if args.full:
         print()
         print(table(rows))
     bad, notes = failures(rows)
+    if args.shard == "0/1":  # the whole list: every config table entry must have been compiled
+        bad += [f"config table entry no launch reached: {e}" for e in unreached(tables)]
     print(f"\n{len(rows)} variants from {len(launches)} launches in {time.perf_counter() - start:.0f} s; {len(bad)} failures")
     for line in notes:
         print("NOTE", line)

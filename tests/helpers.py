@@ -16,6 +16,9 @@ import fastadapter as fa
 from fastadapter import backends
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the timeout of every subprocess a test runs: a guard against a hang, far above any real run
+# on a busy 2-core machine (a slow machine makes the suite slower, never red)
+HANG_GUARD_S = 4 * 3600
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 
 # relative Frobenius error against float64 math (DESIGN.md)
@@ -208,6 +211,29 @@ def saved_bytes(fn, exclude) -> int:
     return sum(seen.values())
 
 
+# one bottleneck size per padded BLOCK_R the kernels compile for (16 ... MAX_BOTTLENECK)
+BLOCK_RANKS = (16, 32, 64, 128, 256)
+
+
+def config_grid(base: dict, ranks=BLOCK_RANKS) -> list[dict]:
+    """Launch cases for tests/gpu_compile.py: every kind of product the config tables key on
+    (bf16 on the tensor cores, fp32 with TF32, IEEE fp32) at every padded bottleneck size.
+    tests/test_gpu_compile.py checks that the launches reach every table entry."""
+    modes = (dict(dtype=torch.bfloat16), dict(dtype=torch.float32), dict(dtype=torch.float32, tf32=True))
+    return [dict(base, r=r, **mode) for mode in modes for r in ranks]
+
+
+def unique_cases(base: dict, cases: list[dict]) -> list[dict]:
+    """``cases`` without repeats (cases equal in what they change from ``base``), in order."""
+    seen, out = set(), []
+    for c in cases:
+        key = tuple(sorted((k, str(v)) for k, v in c.items() if base.get(k, object()) != v))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def launch_cases(base: dict, cases: list[dict], run) -> list[tuple[str, object]]:
     """(what, launch) pairs for tests/gpu_compile.py: each case named by what it changes from
     ``base``, launched by ``run(case)`` with TF32 on where the case says ``tf32=True``."""
@@ -226,4 +252,4 @@ def launch_cases(base: dict, cases: list[dict], run) -> list[tuple[str, object]]
     def name(case):
         return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
 
-    return [(name(c), launch(c)) for c in cases]
+    return [(name(c), launch(c)) for c in unique_cases(base, cases)]

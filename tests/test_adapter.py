@@ -14,9 +14,11 @@ from .helpers import (
     BACKEND_DEVICES,
     DTYPES,
     check_against_float64,
+    config_grid,
     make_inputs,
     rel_err,
     require,
+    unique_cases,
 )
 
 RESIDUALS = ("x", "none", "tensor")
@@ -214,8 +216,9 @@ def gpu_launches():
     from fastadapter.backends.triton import MAX_BOTTLENECK
     from fastadapter.kernels import adapter as kernels
 
-    base = dict(dtype=torch.bfloat16, wdtype=None, activation="gelu", residual="x", bias=True, needs=(1,) * 5, r=64, d=768)
-    cases = [dict(base)]
+    base = dict(dtype=torch.bfloat16, wdtype=None, activation="gelu", residual="x", bias=True, needs=(1,) * 5, r=64, d=768,
+                n=512)  # fmt: skip
+    cases = [dict(base)] + config_grid(base) + [dict(base, n=4099)]
     cases += [dict(base, activation=a) for a in kernels.ACT_IDS if a != base["activation"]]
     cases += [dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True), dict(base, dtype=torch.float16)]
     cases += [dict(base, wdtype=torch.float32)]
@@ -228,7 +231,7 @@ def gpu_launches():
 
     def launch(case):
         def run():
-            n, d, r, dtype = 512, case["d"], case["r"], case["dtype"]
+            n, d, r, dtype = case["n"], case["d"], case["r"], case["dtype"]
             x, wd, bd, wu, bu = make_inputs(n, d, r, dtype, wdtype=case["wdtype"], bias=case["bias"])
             res = {"x": None, "none": None, "tensor": torch.randn(n, d).to(dtype)}[case["residual"]]
             tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -247,4 +250,4 @@ def gpu_launches():
     def name(case):
         return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
 
-    return [(name(c), launch(c)) for c in cases]
+    return [(name(c), launch(c)) for c in unique_cases(base, cases)]

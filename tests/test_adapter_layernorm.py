@@ -13,7 +13,19 @@ import torch.nn.functional as F
 import fastadapter as fa
 from fastadapter.ops.adapter_layernorm import adapter_layernorm_backward, adapter_layernorm_forward
 
-from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, launch_cases, rel_err, require, saved_bytes, site_tensors, torch_act
+from .helpers import (
+    ACTIVATIONS,
+    DTYPES,
+    FLOOR,
+    TOL,
+    config_grid,
+    launch_cases,
+    rel_err,
+    require,
+    saved_bytes,
+    site_tensors,
+    torch_act,
+)
 
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
 NAMES = ("out", "dh", "dr", "dw_down", "db_down", "dw_up", "db_up", "dln_weight", "dln_bias")
@@ -426,8 +438,8 @@ def gpu_launches():
     from fastadapter.kernels import adapter_layernorm as kernels
 
     base = dict(dtype=torch.bfloat16, wdtype=None, placement="houlsby", activation="gelu", r=64, d=768, bias=True, ln="affine",
-                needs=(1,) * 8)  # fmt: skip
-    cases = [dict(base)]
+                needs=(1,) * 8, n=512)  # fmt: skip
+    cases = [dict(base)] + config_grid(base) + [dict(base, n=4099)]
     cases += [dict(base, placement=p) for p in ("parallel", "pfeiffer")]
     cases += [dict(base, activation=a) for a in ACTIVATIONS if a != "gelu"]
     cases += [dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True), dict(base, dtype=torch.float16)]
@@ -437,7 +449,7 @@ def gpu_launches():
     cases += [dict(base, needs=(1, 1, 1, 1, 1, 1, 0, 0)), dict(base, placement="pfeiffer", needs=(1, 1, 1, 1, 1, 1, 0, 0))]
 
     def run(case):
-        h, r, wd, bd, wu, bu, lw, lb = make_site(512, case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
+        h, r, wd, bd, wu, bu, lw, lb = make_site(case["n"], case["d"], case["r"], case["dtype"], wdtype=case["wdtype"],
                                                  bias=case["bias"], ln=case["ln"])  # fmt: skip
         args = (case["placement"], 1e-5, case["activation"], 0.5)
         out, z, mean, rstd, mean_t, rstd_t = kernels.site_forward(h, r, wd, bd, wu, bu, lw, lb, *args)

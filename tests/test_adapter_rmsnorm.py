@@ -15,7 +15,19 @@ import fastadapter as fa
 from fastadapter import backends
 from fastadapter.ops.adapter_rmsnorm import adapter_rmsnorm_backward, adapter_rmsnorm_forward
 
-from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, launch_cases, rel_err, require, saved_bytes, site_tensors, torch_act
+from .helpers import (
+    ACTIVATIONS,
+    DTYPES,
+    FLOOR,
+    TOL,
+    config_grid,
+    launch_cases,
+    rel_err,
+    require,
+    saved_bytes,
+    site_tensors,
+    torch_act,
+)
 
 PLACEMENTS = ("houlsby", "parallel", "pfeiffer")
 NAMES = ("y", "y_normed", "dh", "dr", "dw_down", "db_down", "dw_up", "db_up", "dnorm_weight")
@@ -431,7 +443,7 @@ def gpu_launches():
 
     base = dict(dtype=torch.bfloat16, wdtype=None, placement="houlsby", activation="gelu", r=64, d=576, n=512, bias=True,
                 norm=True, needs=(1,) * 6, dy=True)  # fmt: skip
-    cases = [dict(base)]
+    cases = [dict(base)] + config_grid(base)
     cases += [dict(base, placement=p) for p in ("parallel", "pfeiffer")]
     cases += [dict(base, activation=a) for a in ACTIVATIONS if a != "gelu"]
     cases += [dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True), dict(base, dtype=torch.float16)]

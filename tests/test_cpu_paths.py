@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import require
+from .helpers import HANG_GUARD_S, require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +58,6 @@ def test_cpp_accuracy_on_forced_path(name):
         if "MKL_VERBOSE" in out.stdout and env["MKL_CBWR"] == "COMPATIBLE":
             assert "CNR:COMPATIBLE" in out.stdout, out.stdout[-500:]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *TESTS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, f"cpp accuracy with {PATHS[name]}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout

@@ -15,6 +15,8 @@ import pytest
 from fastadapter.activations import ACTIVATIONS
 from fastadapter.backends import extension
 
+from .helpers import HANG_GUARD_S
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
@@ -33,7 +35,7 @@ def test_cuda_source_compiles_without_spills(source, arch, tmp_path):
     """Compile only: nothing CUDA runs without a GPU, but a broken .cu never lands, and
     ptxas (-Xptxas -v) reports no stack frame and no spill for any kernel instance."""
     cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", f"-I{CSRC}", str(CSRC / source)]
-    proc = subprocess.run([*cmd, "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = proc.stdout + proc.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", report)
@@ -85,7 +87,7 @@ def test_cpu_kernels_compile_for_any_x86_target(source, tmp_path):
         pytest.skip(f"no C++ compiler ({cxx})")
     cmd = [cxx, "-std=c++17", "-O2", "-march=x86-64", "-fPIC", "-fopenmp", f"-I{CSRC}"]
     cmd += [f"-isystem{p}" for p in include_paths()] + ["-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -115,7 +117,7 @@ def test_broken_toolchain_falls_back_cleanly(tmp_path):
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), FASTADAPTER_EXT_DIR=str(tmp_path / "ext"))
     env.pop("FASTADAPTER_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["available"] and "could not be built" in out["available"]
@@ -139,7 +141,7 @@ def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
         """
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), FASTADAPTER_EXT_DIR=str(tmp_path / "ext"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["reason"] and "could not be built" in out["reason"]
@@ -166,14 +168,14 @@ def test_concurrent_builds_share_one_cache(tmp_path):
         subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=900) for p in procs]
+    outs = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
     for p, (stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
         assert stdout.startswith("ok")
     assert outs[0][0] == outs[1][0]
     # a build says so on stderr, and how long it took; a load from the cache says nothing
     assert any("fastadapter: building the C++ extension" in err and "fastadapter: built" in err for _, err in outs)
-    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and again.stdout == outs[0][0] and "fastadapter: build" not in again.stderr
 
 

@@ -33,15 +33,21 @@ def _run(modules, targets, tmp_path, timeout=HANG_GUARD_S):
     procs = []
     for target in targets:
         out = tmp_path / f"sm{target}.json"
-        cmd = [sys.executable, "-m", "tests.gpu_compile", *modules, "--target", str(target), "--json", str(out)]
+        cmd = [sys.executable, "-m", "tests.gpu_compile", *modules, "--target", str(target), "--json", str(out),
+               "--tables", str(out) + ".tables"]  # fmt: skip
         procs.append((out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-    rows, text = [], []
-    for out, proc in procs:
+    rows, text, unreached = [], [], []
+    for target, (out, proc) in zip(targets, procs):
         stdout, _ = proc.communicate(timeout=timeout)
         text.append(stdout)
         if not out.exists():
             raise AssertionError(f"the compile check did not finish:\n{stdout[-3000:]}")
         rows.extend(json.loads(out.read_text()))
+        tables = json.loads(Path(str(out) + ".tables").read_text())
+        for label, t in tables.items():  # each target's process runs every launch
+            reached = {tuple(k) for k in t["reached"]}
+            unreached += [f"sm_{target} {label}[{tuple(k)}]" for k in t["keys"] if tuple(k) not in reached]
+    _run.unreached = unreached
     return rows, "\n".join(text)
 
 
@@ -64,6 +70,26 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
         assert {(name, 80), (name, 90)} <= kernels, name
     bad = _failures(rows)
     assert not bad, "\n".join(bad)
+    # the launches reach every entry of every config table: a config added to a table is compiled
+    assert not _run.unreached, "config table entries no launch reached:\n" + "\n".join(_run.unreached)
+
+
+def test_a_config_table_entry_no_launch_reaches_is_reported(monkeypatch):
+    """watch_config_tables sees each *_CONFIGS table of the kernel modules once (an alias in
+    another module too), and unreached() names the entries no pruner read."""
+    import types
+
+    from tests import gpu_compile
+
+    table = {("half", 64): [(64, 64, 4, 2)], ("ieee", 64): [(32, 32, 4, 2)]}
+    for name in ("fastadapter.kernels._sample", "fastadapter.kernels._sample_alias"):
+        module = types.ModuleType(name)
+        module._FWD_CONFIGS = table
+        monkeypatch.setitem(sys.modules, name, module)
+    watched = gpu_compile.watch_config_tables(prefix="fastadapter.kernels._sample")
+    assert list(watched) == ["_sample._FWD_CONFIGS"]
+    assert [c for c in table[("half", 64)]] == [(64, 64, 4, 2)]  # a pruner's read
+    assert gpu_compile.unreached(watched) == ["_sample._FWD_CONFIGS[('ieee', 64)]"]
 
 
 def test_the_check_catches_errors_spills_and_missing_tensor_cores(tmp_path):

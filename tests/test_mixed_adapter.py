@@ -14,7 +14,7 @@ import fastadapter as fa
 from fastadapter import backends
 from fastadapter.ops.mixed_adapter import mixed_adapter_backward, mixed_adapter_forward
 
-from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, rel_err, require, torch_act
+from .helpers import ACTIVATIONS, DTYPES, FLOOR, TOL, config_grid, rel_err, require, torch_act, unique_cases
 
 BACKENDS = [b for b in ("reference", "cpp", "triton") if "mixed_adapter" in backends.get(b).ops]
 NAMES = ("y", "dx", "dw_down", "db_down", "dw_up", "db_up", "dresidual")
@@ -377,17 +377,18 @@ def gpu_launches():
     from fastadapter.kernels import mixed_adapter as kernels
 
     base = dict(dtype=torch.bfloat16, wdtype=None, activation="gelu", residual="x", bias=True, needs=(1,) * 5, r=64, d=768,
-                adapters=4)  # fmt: skip
+                adapters=4, n=512)  # fmt: skip
     cases = [dict(base), dict(base, dtype=torch.float32), dict(base, dtype=torch.float32, tf32=True)]
+    cases += config_grid(base) + [dict(base, activation=a) for a in ACTIVATIONS] + [dict(base, n=4099)]
     cases += [dict(base, dtype=torch.float16), dict(base, wdtype=torch.float32), dict(base, residual="tensor")]
     cases += [dict(base, needs=(1, 0, 0, 0, 0)), dict(base, needs=(0, 1, 1, 1, 1)), dict(base, r=1), dict(base, r=128)]
     cases += [dict(base, offsets=64), dict(base, dtype=torch.float32, offsets=64)]
 
     def launch(case):
         def run():
-            x, index, wd, bd, wu, bu = make_mixed(512, case["d"], case["r"], case["adapters"], case["dtype"],
+            x, index, wd, bd, wu, bu = make_mixed(case["n"], case["d"], case["r"], case["adapters"], case["dtype"],
                                                   wdtype=case["wdtype"], bias=case["bias"])  # fmt: skip
-            res = {"x": None, "none": None, "tensor": torch.randn(512, case["d"]).to(case["dtype"])}[case["residual"]]
+            res = {"x": None, "none": None, "tensor": torch.randn(case["n"], case["d"]).to(case["dtype"])}[case["residual"]]
             tf32, limit = torch.backends.cuda.matmul.allow_tf32, kernels.OFFSET32_LIMIT
             torch.backends.cuda.matmul.allow_tf32 = bool(case.get("tf32"))
             if case.get("offsets") == 64:  # the kernels' form for tensors past 2**31 elements
@@ -404,4 +405,4 @@ def gpu_launches():
     def name(case):
         return " ".join(f"{k}={v}" for k, v in case.items() if base.get(k, object()) != v) or "base"
 
-    return [(name(c), launch(c)) for c in cases]
+    return [(name(c), launch(c)) for c in unique_cases(base, cases)]
