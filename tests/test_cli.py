@@ -8,6 +8,8 @@ import pytest
 
 from fastadapter import cli
 
+from .helpers import HANG_GUARD_S
+
 
 def test_train_writes_adapters_head_and_metrics(tmp_path, capsys):
     if not os.environ.get("CI"):
@@ -216,7 +218,7 @@ def _torchrun(args: list[str], env_extra=None):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastadapter.cli", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -235,6 +237,9 @@ def test_decoder_train_under_torchrun_shares_every_batch(tmp_path):
     assert printed.count("held-out accuracy") == 1  # rank 0 prints
     one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "fsdp"))
     assert two["processes"] == 2 and two["mode"] == "fsdp" and len(two["peak_rss_mib"]) == 2
+    # each process holds its shards: the two halves make the one process's parameters
+    whole = one["parameter_mib"][0]
+    assert abs(sum(two["parameter_mib"]) - whole) <= 2 and max(two["parameter_mib"]) < 0.6 * whole, two["parameter_mib"]
     losses = [[h["loss"] for h in m["history"] if "loss" in h] for m in (one, two)]
     assert len(losses[1]) == 2 and all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses)), losses
     for t in ("bbc", "sentiment"):
@@ -271,7 +276,7 @@ def test_every_benchmark_file_collects():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "benchmarks"],
-                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=root, capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     collected = {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
     files = {f"benchmarks/{f}" for f in os.listdir(os.path.join(root, "benchmarks")) if f.startswith("bench_")}

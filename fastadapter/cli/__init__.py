@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", default=None)
     t.add_argument("--backend", default=None, help="fastadapter backend (default: automatic)")
     t.add_argument("--epochs", type=float, default=1.0, help="BERT runs without --max-steps: passes over the data")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (decoders: 60)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (decoders: 60; several tasks: 150)")  # fmt: skip
     t.add_argument("--batch-size", type=int, default=None, help="16 (BERT), 8 (decoders)")
     t.add_argument("--max-length", type=int, default=None,
                    help="BERT: tokens per example (128); decoders: tokens of the text kept in the prompt (40)")  # fmt: skip
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out accuracy every this many steps, 0: before and after only (25 BERT, 20 decoders)")  # fmt: skip
     t.add_argument("--tasks", default=None,
                    help="several tasks on one frozen model, e.g. bbc,sentiment: an adapter (and on BERT a head) per task, "
-                        "batches that mix them (BERT: default --max-steps 150); each task is also trained alone "
+                        "batches that mix them (default --max-steps 150); each task is also trained alone "
                         "for the same steps, for comparison")  # fmt: skip
     t.add_argument("--no-single", action="store_true", help="with --tasks: skip the single-task comparison runs")
     par = t.add_mutually_exclusive_group()
@@ -134,6 +135,8 @@ def train(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = parse_tasks(args.tasks or args.task)
     decoder = is_decoder(model_path(args.model))
+    if args.max_steps is None and len(tasks) > 1:
+        args.max_steps = 150  # each task sees half the examples a single-task run of 60 steps would (sentiment needs more)
     for key, pair in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, pair[decoder])
@@ -153,8 +156,6 @@ def train(args) -> dict:
         if args.tasks:
             from . import multitask
 
-            if args.max_steps is None:
-                args.max_steps = 150
             args.no_single = args.no_single or len(tasks) == 1
             return multitask.train_multitask(args, tasks)
         from .encoder import train as train_encoder

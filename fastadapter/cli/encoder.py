@@ -13,7 +13,7 @@ import time
 import torch
 
 from .common import Progress, load_task, model_path, warmup_then_linear
-from .processes import Processes, peak_rss_mib
+from .processes import Processes, parameter_mib, peak_rss_mib
 
 
 def _batches(encodings, labels, indices, batch_size, shuffle, rng):
@@ -72,6 +72,7 @@ def train(args, procs: Processes | None = None) -> dict:
         f"backends: {fa.available_backends()}{shared}"
     )
     hf_model, model = model, procs.wrap(model)
+    held_here = parameter_mib(model)  # sharded: before a forward gathers the root's weights (FSDP2 keeps the root's)
     torch.manual_seed(args.seed + procs.rank)  # each process its own dropout draws
     enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding="max_length", return_tensors="pt")
     y = torch.tensor(labels)
@@ -113,6 +114,7 @@ def train(args, procs: Processes | None = None) -> dict:
     after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
     history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
     peaks = [round(m) for (m,) in procs.gather([peak_rss_mib()])]
+    held = [round(m) for (m,) in procs.gather([held_here])]
 
     # sharded: every process gathers, the first writes; replicated: the first writes
     if procs.mode == "fsdp" or procs.main:
@@ -133,6 +135,7 @@ def train(args, procs: Processes | None = None) -> dict:
         "processes": procs.world,
         "mode": procs.mode or "one process",
         "peak_rss_mib": peaks,
+        "parameter_mib": held,
         "first_loss": losses[0],
         "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
         "eval_before": before,

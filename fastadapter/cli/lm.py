@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import BUNDLED, Progress, load_task, mixed_batches, model_path, read_run, warmup_then_linear
-from .processes import Processes, peak_rss_mib
+from .processes import Processes, parameter_mib, peak_rss_mib
 
 # task -> (text before the example, text after it)
 PROMPTS = {"bbc": ("Article: ", "\nTopic:"), "sentiment": ("Tweet: ", "\nSentiment:")}
@@ -141,6 +141,7 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
     model = load_model(path, names, config)  # the same adapters in every process: the same seed
     counts = fa.mark_only_adapters_trainable(model, train_head=False)
     model = procs.wrap(model)
+    held = parameter_mib(model)  # sharded: before a forward gathers the root's weights (FSDP2 keeps the root's)
     torch.manual_seed(args.seed + procs.rank)  # each process its own dropout draws, if the model has dropout
     total = args.max_steps
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -187,6 +188,7 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
     return model, {"steps": total, "batch_size": args.batch_size, "train_seconds": round(seconds, 1),
                    "processes": procs.world, "mode": procs.mode or "one process",
                    "peak_rss_mib": [round(m) for (m,) in procs.gather([peak_rss_mib()])],
+                   "parameter_mib": [round(m) for (m,) in procs.gather([held])],
                    "trainable": counts["trainable"], "first_loss": losses[0],
                    "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
                    "eval_before": before, "eval_after": after, "history": history}  # fmt: skip

@@ -120,6 +120,15 @@ class Processes:
             dist.destroy_process_group()
 
 
+def parameter_mib(model: nn.Module) -> float:
+    """MiB of parameters this process holds: its shards under FSDP2, everything otherwise."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total / 2**20
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, MiB (Linux: ru_maxrss is in KiB)."""
     import resource
