@@ -90,14 +90,12 @@ def train(args, procs: Processes | None = None) -> dict:
         for batch, target in _batches(enc, y, train_idx, args.batch_size, True, rng):  # the same in every process
             rows, weight = procs.part(list(range(len(target))))
             idx = torch.tensor(rows)
-            loss = model(**{k: v[idx] for k, v in batch.items()}, labels=target[idx]).loss
-            if weight != 1.0:  # a part of the batch: its share of the batch's mean
-                loss = loss * weight
+            loss = procs.weighted(model(**{k: v[idx] for k, v in batch.items()}, labels=target[idx]).loss, weight)
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(procs.sum(loss.item())[0] / procs.world)
+            losses.append(procs.mean(loss.item()))
             step += 1
             history.append({"step": step, "loss": losses[-1]})
             if args.eval_every and step % args.eval_every == 0 and step < total:
@@ -113,12 +111,9 @@ def train(args, procs: Processes | None = None) -> dict:
     elapsed = time.perf_counter() - start - eval_seconds
     after = evaluate(model, enc, y, eval_idx, 2 * args.batch_size, procs)
     history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
-    peaks = [round(m) for (m,) in procs.gather([peak_rss_mib()])]
-    held = [round(m) for (m,) in procs.gather([held_here])]
-
-    # sharded: every process gathers, the first writes; replicated: the first writes
-    if procs.mode == "fsdp" or procs.main:
-        fa.save_adapters(hf_model, os.path.join(args.output, "adapters"), name=args.task)
+    peaks = [round(m) for m in procs.gather(peak_rss_mib())]
+    held = [round(m) for m in procs.gather(held_here)]
+    procs.save_adapters(hf_model, os.path.join(args.output, "adapters"), args.task)
     head = {k: full(v) for k, v in hf_model.state_dict().items() if not k.startswith(hf_model.base_model_prefix + ".")}
     if not procs.main:
         procs.barrier()

@@ -168,14 +168,12 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
         task_ids = torch.tensor([t for t, _ in rows])
         target = torch.stack([answers[t][datasets[t]["y"][i]] for t, i in rows])
         with _routed(model, len(names), task_ids):
-            loss = F.cross_entropy(next_token_logits(model, ids, mask).float(), target)
-            if weight != 1.0:  # a part of the batch: its share of the batch's mean
-                loss = loss * weight
+            loss = procs.weighted(F.cross_entropy(next_token_logits(model, ids, mask).float(), target), weight)
             loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(procs.sum(loss.item())[0] / procs.world)
+        losses.append(procs.mean(loss.item()))
         history.append({"step": step, "loss": losses[-1]})
         if args.eval_every and step % args.eval_every == 0 and step < total:
             t0 = time.perf_counter()
@@ -187,8 +185,8 @@ def train_tasks(datasets: list[dict], args, path: str, pad_id: int, label: str, 
     after = scores(total)
     return model, {"steps": total, "batch_size": args.batch_size, "train_seconds": round(seconds, 1),
                    "processes": procs.world, "mode": procs.mode or "one process",
-                   "peak_rss_mib": [round(m) for (m,) in procs.gather([peak_rss_mib()])],
-                   "parameter_mib": [round(m) for (m,) in procs.gather([held])],
+                   "peak_rss_mib": [round(m) for m in procs.gather(peak_rss_mib())],
+                   "parameter_mib": [round(m) for m in procs.gather(held)],
                    "trainable": counts["trainable"], "first_loss": losses[0],
                    "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
                    "eval_before": before, "eval_after": after, "history": history}  # fmt: skip
@@ -217,9 +215,8 @@ def train(args, tasks: list[str], procs: Processes) -> dict:
     if len(tasks) > 1 and not args.no_single:
         for d in datasets:
             single[d["name"]] = train_tasks([d], args, path, pad_id, d["name"] + " alone", procs)[1]
-    for t in tasks:  # sharded: every process gathers, the first writes; replicated: the first writes
-        if procs.mode == "fsdp" or procs.main:
-            fa.save_adapters(Processes.inner(model), os.path.join(args.output, "adapters", t), name=t)
+    for t in tasks:
+        procs.save_adapters(model, os.path.join(args.output, "adapters", t), t)
     if not procs.main:
         procs.barrier()
         return {**multi, "single": single}

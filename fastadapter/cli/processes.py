@@ -72,6 +72,23 @@ class Processes:
         mine = rows[self.rank :: self.world]
         return mine, len(mine) * self.world / len(rows)
 
+    @staticmethod
+    def weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
+        """This process's loss as its share of the batch's mean (``weight`` from :meth:`part`)."""
+        return loss if weight == 1.0 else loss * weight
+
+    def mean(self, value: float) -> float:
+        """The mean over the processes of a weighted loss: the whole batch's loss."""
+        return self.sum(value)[0] / self.world
+
+    def save_adapters(self, model: nn.Module, directory: str, name: str) -> None:
+        """``fastadapter.save_adapters`` as the run's processes must call it: every process on
+        a sharded model (each gathers, the first writes), the first alone otherwise."""
+        import fastadapter as fa
+
+        if self.mode == "fsdp" or self.main:
+            fa.save_adapters(self.inner(model), directory, name=name)
+
     def eval_batches(self, rows: list, batch_size: int) -> list[tuple[list, int]]:
         """This process's share of held-out ``rows`` as (batch, rows that count): every
         process gets the same number of batches, the short ones filled with a repeated row
@@ -97,14 +114,14 @@ class Processes:
         dist.all_reduce(t)
         return t.tolist()
 
-    def gather(self, values: list[float]) -> list[list[float]]:
-        """Each process's ``values``, in rank order."""
+    def gather(self, value: float) -> list[float]:
+        """Each process's ``value``, in rank order."""
         if self.mode is None:
-            return [values]
+            return [value]
         import torch.distributed as dist
 
         out = [None] * self.world
-        dist.all_gather_object(out, values)
+        dist.all_gather_object(out, value)
         return out
 
     def barrier(self) -> None:

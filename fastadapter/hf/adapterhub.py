@@ -22,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..activations import canonical_activation
 from .config import AdapterConfig
-from .distributed import barrier, is_sharded, writes_files
+from .distributed import writing_files
 from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter
 from .sites import find_sites
 
@@ -240,15 +240,12 @@ def save_adapterhub(model: nn.Module, directory: str, name: str) -> None:
         "version": f"fastadapter.{__version__}",
     }
     weights = {_hub_key(k): v.cpu().clone() for k, v in adapter_state_dict(model, name).items()}  # gathered under FSDP2
-    if is_sharded(model) and not writes_files():
-        barrier()
-        return
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    torch.save(weights, os.path.join(directory, BIN_FILE))
-    if is_sharded(model):
-        barrier()
+    with writing_files(model) as writes:
+        if writes:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+            torch.save(weights, os.path.join(directory, BIN_FILE))
 
 
 def _hub_reduction_factor(config: AdapterConfig, hidden: int):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import __version__
 from .config import AdapterConfig
-from .distributed import barrier, copy_into, is_sharded, writes_files
+from .distributed import copy_into, is_sharded, writing_files
 from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter, set_active_adapter
 
 CONFIG_FILE = "fastadapter_config.json"
@@ -41,21 +41,18 @@ def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
     tensors = {}
     for n in names:  # sharded by FSDP2: gathered on every rank, written by rank 0
         tensors.update({k: v.contiguous().cpu() for k, v in adapter_state_dict(model, n).items()})
-    if is_sharded(model) and not writes_files():
-        barrier()
-        return
-    os.makedirs(directory, exist_ok=True)
-    meta = {
-        "format": "fastadapter",
-        "version": __version__,
-        **_model_info(model),
-        "adapters": {n: configs[n].to_dict() for n in names},
-    }
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
-    if is_sharded(model):
-        barrier()
+    with writing_files(model) as writes:
+        if writes:
+            os.makedirs(directory, exist_ok=True)
+            meta = {
+                "format": "fastadapter",
+                "version": __version__,
+                **_model_info(model),
+                "adapters": {n: configs[n].to_dict() for n in names},
+            }
+            with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+            save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
 
 
 def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> list[str]:

@@ -12,6 +12,8 @@ are added (FSDP2 manages only the parameters a module has when it is sharded).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -51,6 +53,17 @@ def writes_files() -> bool:
 def barrier() -> None:
     if dist is not None and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def writing_files(model: nn.Module):
+    """Around writing files of ``model``'s (gathered) adapters: yields whether this process
+    writes them. On a model sharded by FSDP2 rank 0 does, and every rank leaves the block
+    once they are written; otherwise the caller does."""
+    sharded = is_sharded(model)
+    yield not sharded or writes_files()
+    if sharded:
+        barrier()
 
 
 def shard_model(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
