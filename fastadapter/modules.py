@@ -132,3 +132,65 @@ class FusedAdapter(nn.Module):
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+class AdapterFusion(nn.Module):
+    """AdapterFusion's parameters (Pfeiffer et al. 2021): the attention over adapters.
+
+    ``query``, ``key`` (``nn.Linear(d, d)``, N(0, 0.02) weights, zero bias) and ``value``
+    (``nn.Linear(d, d, bias=False)``, the identity plus 1e-6 when ``value_initialized``, as
+    AdapterHub starts it) are children named as AdapterHub names them; a flag set False
+    leaves that projection out. ``temperature``: the softmax divides by T, which starts at 50
+    and falls by 0.05 every forward to 1, as AdapterHub does; otherwise T = 1.
+    ``dropout`` applies to the scores in training. The math is in
+    :func:`fastadapter.composition.fuse_adapters`.
+    """
+
+    def __init__(self, hidden_size: int, query: bool = True, key: bool = True, value: bool = True,
+                 value_initialized: bool = True, temperature: bool = False, dropout: float = 0.0, device=None,
+                 dtype=None):  # fmt: skip
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        kw = dict(device=device, dtype=dtype)
+        self.query = nn.Linear(hidden_size, hidden_size, **kw) if query else None
+        self.key = nn.Linear(hidden_size, hidden_size, **kw) if key else None
+        self.value = nn.Linear(hidden_size, hidden_size, bias=False, **kw) if value else None
+        self.value_initialized = value_initialized
+        self.dropout = float(dropout)
+        self.temperature = bool(temperature)
+        self.T = 50.0 if temperature else 1.0
+        self._step = self.T / 1000.0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for layer in (self.query, self.key):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        if self.value is not None:
+            if self.value_initialized:
+                self.value.weight.fill_(1e-6)
+                self.value.weight.diagonal().fill_(1.0)
+            else:
+                nn.init.normal_(self.value.weight, std=0.02)
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        """softmax over the last dimension of dropout(scores) / T (then T steps down)."""
+        scores = torch.nn.functional.dropout(scores, self.dropout, self.training)
+        p = torch.softmax(scores / self.T, dim=-1)
+        self.T = max(self.T - self._step, 1.0)
+        return p
+
+    def regularization(self) -> Tensor:
+        """AdapterFusion's "dynamic" regularization term 0.01 * ||W_v - I||^2 (zero without W_v)."""
+        if self.value is None:
+            return torch.zeros(())
+        w = self.value.weight
+        return 0.01 * (w - torch.eye(w.shape[0], device=w.device, dtype=w.dtype)).pow(2).sum()
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}, temperature={self.temperature}"

@@ -2,8 +2,16 @@
 
 from .adapterhub import load_adapterhub, save_adapterhub
 from .checkpoint import load_adapters, save_adapters
-from .config import AdapterConfig
+from .config import AdapterConfig, FusionConfig
 from .distributed import shard_model
+from .fusion import (
+    add_fusion,
+    fusion_configs,
+    fusion_regularization,
+    fusion_state_dict,
+    mark_only_fusion_trainable,
+    remove_fusion,
+)
 from .model import (
     active_adapter,
     adapter_configs,
@@ -17,6 +25,13 @@ from .model import (
 
 __all__ = [
     "AdapterConfig",
+    "FusionConfig",
+    "add_fusion",
+    "fusion_configs",
+    "fusion_regularization",
+    "fusion_state_dict",
+    "mark_only_fusion_trainable",
+    "remove_fusion",
     "active_adapter",
     "adapter_configs",
     "adapter_routing",

@@ -6,11 +6,13 @@ import json
 import os
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .. import __version__
-from .config import AdapterConfig
+from .config import AdapterConfig, FusionConfig
 from .distributed import copy_into, is_sharded, writing_files
+from .fusion import add_fusion, fusion_configs, fusion_state_dict
 from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter, set_active_adapter
 
 CONFIG_FILE = "fastadapter_config.json"
@@ -26,7 +28,8 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) -> None:
-    """Write adapter ``name`` (or all adapters) of ``model`` to ``directory``; never the base model.
+    """Write adapter ``name`` (or all adapters) of ``model`` to ``directory``, with the fusion
+    layers over adapters among them; never the base model.
     On a model sharded by FSDP2 every rank must call it: the adapters are gathered, rank 0
     writes them whole, and every rank returns once they are written."""
     from safetensors.torch import save_file
@@ -41,6 +44,9 @@ def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
     tensors = {}
     for n in names:  # sharded by FSDP2: gathered on every rank, written by rank 0
         tensors.update({k: v.contiguous().cpu() for k, v in adapter_state_dict(model, n).items()})
+    fusions = {f: (fused, config) for f, (fused, config) in fusion_configs(model).items() if set(fused) <= set(names)}
+    for f in fusions:  # the fusion layers over the adapters saved
+        tensors.update({k: v.contiguous().cpu() for k, v in fusion_state_dict(model, f).items()})
     with writing_files(model) as writes:
         if writes:
             os.makedirs(directory, exist_ok=True)
@@ -49,6 +55,7 @@ def save_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
                 "version": __version__,
                 **_model_info(model),
                 "adapters": {n: configs[n].to_dict() for n in names},
+                "fusions": {f: {"adapters": fused, "config": config.to_dict()} for f, (fused, config) in fusions.items()},
             }
             with open(os.path.join(directory, CONFIG_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
@@ -86,6 +93,11 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
     weights = load_file(os.path.join(directory, WEIGHTS_FILE))
     if is_sharded(model):
         _load_into_shards(model, directory, names, saved, weights)
+        params = dict(model.named_parameters())
+        for f in set(meta.get("fusions", {})) & set(fusion_configs(model)):  # added before sharding
+            for k, v in weights.items():
+                if f"adapter_fusion_layer.{f}." in k and k in params:
+                    copy_into(params[k], v)
         return names
     added = []
     try:
@@ -101,11 +113,29 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
                 if theirs[k].shape != p.shape:
                     raise ValueError(f"adapter {n!r}: {k} has shape {tuple(theirs[k].shape)}, the model needs {tuple(p.shape)}")
                 p.copy_(theirs[k])
+        for f, entry in meta.get("fusions", {}).items():
+            if set(entry["adapters"]) <= set(adapter_configs(model)) and f not in fusion_configs(model):
+                _load_fusion(model, f, entry, weights)
     except Exception:
         for n in added:
-            remove_adapter(model, n)
+            remove_adapter(model, n)  # and the fusion layers over it
         raise
     return names
+
+
+def _load_fusion(model: nn.Module, name: str, entry: dict, weights: dict) -> None:
+    add_fusion(model, entry["adapters"], FusionConfig.load(entry["config"]), name=name)
+    own = fusion_state_dict(model, name)
+    theirs = {k: v for k, v in weights.items() if f"adapter_fusion_layer.{name}." in k}
+    if sorted(own) != sorted(theirs):
+        raise ValueError(f"fusion layer {name!r} does not fit this model: missing {sorted(set(own) - set(theirs))[:4]}, "
+                         f"unexpected {sorted(set(theirs) - set(own))[:4]}")  # fmt: skip
+    params = dict(model.named_parameters())
+    for k, v in theirs.items():
+        if v.shape != params[k].shape:
+            raise ValueError(f"fusion layer {name!r}: {k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}")
+        with torch.no_grad():
+            params[k].copy_(v)
 
 
 def _load_into_shards(model: nn.Module, directory: str, names: list[str], saved: dict, weights: dict) -> None:

@@ -110,3 +110,57 @@ def _factor(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"reduction_factor must be a positive number, got {value!r}")
     return value
+
+
+# AdapterHub's two named fusion configs (StaticAdapterFusionConfig, DynamicAdapterFusionConfig).
+FUSION_PRESETS = {
+    "dynamic": dict(key=True, query=True, value=True, value_initialized=True, regularization=True, temperature=False),
+    "static": dict(key=True, query=True, value=False, value_initialized=False, regularization=False, temperature=False),
+}
+
+
+@dataclass
+class FusionConfig:
+    """An AdapterFusion layer, as AdapterHub's AdapterFusionConfig says it (``"dynamic"``, its
+    default, or ``"static"``, or the fields). ``dropout_prob`` None takes the model's
+    ``attention_probs_dropout_prob`` (0 where it has none). ``value_before_softmax`` changes
+    nothing (W_v is linear and has no bias). AdapterHub's ``query_before_ln`` and
+    ``residual_before`` exist only in their off setting here."""
+
+    key: bool = True
+    query: bool = True
+    value: bool = True
+    value_initialized: bool = True
+    regularization: bool = True
+    temperature: bool = False
+    value_before_softmax: bool = True
+    dropout_prob: Optional[float] = None
+    query_before_ln: bool = False
+    residual_before: bool = False
+
+    def __post_init__(self):
+        for name in ("query_before_ln", "residual_before"):
+            if getattr(self, name):
+                raise ValueError(f"AdapterFusion with {name}=True is not supported; fastadapter fuses with it off")
+        if self.dropout_prob is not None and not 0.0 <= float(self.dropout_prob) < 1.0:
+            raise ValueError(f"dropout_prob must lie in [0, 1), got {self.dropout_prob!r}")
+        self.value_initialized = bool(self.value_initialized)
+
+    @classmethod
+    def load(cls, config: Union[str, Mapping[str, Any], FusionConfig, None]) -> FusionConfig:
+        if config is None:
+            config = "dynamic"
+        if isinstance(config, FusionConfig):
+            return config
+        if isinstance(config, str):
+            if config not in FUSION_PRESETS:
+                raise ValueError(f"unknown fusion config {config!r}; expected one of: {', '.join(FUSION_PRESETS)}")
+            return cls(**FUSION_PRESETS[config])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown FusionConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**dict(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

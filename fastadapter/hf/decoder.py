@@ -40,8 +40,8 @@ import weakref
 import torch
 from torch import nn
 
-from ..ops.adapter import fused_adapter
 from ..ops.adapter_rmsnorm import adapter_rmsnorm
+from . import compose
 from .sites import Site
 
 try:
@@ -61,30 +61,23 @@ def _state():
     return model
 
 
-def _site_input(placement: str, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's input: F (houlsby), x (parallel) or x + F (pfeiffer)."""
-    if placement == "houlsby":
-        return f
-    return x if placement == "parallel" else x + f
-
-
 def _site(owner: nn.Module, names, f: torch.Tensor, x: torch.Tensor, norm: nn.Module | None):
-    """(y, y_normed or None) of a Llama-family site: one adapter_rmsnorm op, or several routed
-    adapters through the mixed-adapter op (y_normed None: the model's norm computes it).
-    With no norm given, the site is the adapter op with x + F its residual."""
+    """(y, y_normed or None) of a Llama-family site: the active adapter or composition with its
+    last adapter step and the norm as one adapter_rmsnorm op, or several routed adapters through
+    the mixed-adapter op (y_normed None: the model's norm computes it). With no norm given, the
+    last step is the adapter op with x + F its residual."""
     state = _state()
     placement = state._placement_of(owner, names)
     if isinstance(names, tuple):
-        return state._Routed(owner, names, f)(_site_input(placement, f, x), x + f), None
-    adapter = owner.adapters[names]
+        return state._Routed(owner, names, f)(compose.adapter_input(placement, f, x), x + f), None
+    f, step = compose.site(owner, names, f, x)
+    if step is None:
+        return x + f, None
     if norm is None:
-        y = fused_adapter(_site_input(placement, f, x), adapter.down.weight, adapter.down.bias, adapter.up.weight,
-                          adapter.up.bias, activation=adapter.activation, scaling=adapter.scaling, residual=x + f,
-                          backend=adapter.backend)  # fmt: skip
-        return y, None
+        return compose.run(step, compose.adapter_input(placement, f, x), x + f), None
     return adapter_rmsnorm(
-        f, x, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, norm.weight, placement=placement,
-        eps=norm.variance_epsilon, activation=adapter.activation, scaling=adapter.scaling, backend=adapter.backend,
+        f, x, step.w_down, step.b_down, step.w_up, step.b_up, norm.weight, placement=placement,
+        eps=norm.variance_epsilon, activation=step.activation, scaling=step.scaling, backend=step.backend,
     )  # fmt: skip
 
 
@@ -166,14 +159,10 @@ def _gpt2_hook(module, args, output):  # on attn or mlp: F -> F + A(u)
     placement = state._placement_of(module, names)
     if placement != "houlsby" and x is None:
         raise RuntimeError(f"the {placement} adapter of {type(module).__name__} needs the stream before ln_2, which was not seen")
-    u = _site_input(placement, f, x)
     if isinstance(names, tuple):
-        f = state._Routed(module, names, f)(u, f)
+        f = state._Routed(module, names, f)(compose.adapter_input(placement, f, x), f)
     else:
-        adapter = module.adapters[names]
-        f = fused_adapter(u, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias,
-                          activation=adapter.activation, scaling=adapter.scaling, residual=f if placement != "houlsby" else True,
-                          backend=adapter.backend)  # fmt: skip
+        f = compose.apply(module, names, f, x)
     return (f, *output[1:]) if isinstance(output, tuple) else f
 
 

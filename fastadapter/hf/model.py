@@ -41,14 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import composition
+from ..composition import Block
 from ..modules import FusedAdapter
 from ..ops.adapter_layernorm import adapter_layernorm
 from ..ops.mixed_adapter import mixed_adapter, stack_adapters
+from . import compose
 from .config import AdapterConfig
 from .distributed import full, is_sharded
 from .sites import Site, find_sites
 
 _CONFIGS = "_fastadapter_configs"  # model attribute: {name: AdapterConfig}
+_FUSIONS = "_fastadapter_fusions"  # model attribute: {fusion name: (adapter names, FusionConfig)}
 _ROUTING = "_fastadapter_routing"  # site owner attribute inside adapter_routing: ids [batch]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -87,12 +91,19 @@ class _Routed:
                              residual=residual)  # fmt: skip
 
 
+def _names(active) -> tuple:
+    if isinstance(active, Block):
+        return tuple(active.names())
+    return active if isinstance(active, tuple) else (active,)
+
+
 def _active_names(owner: nn.Module, placement: Optional[str] = None):
-    """None, one adapter name, or a tuple of names (several active), of the given placement."""
+    """None, one adapter name, a tuple of names (several active, routed) or a composition
+    block, of the given placement."""
     active = owner.__dict__.get("_fastadapter_active")
     if active is None:
         return None
-    names = active if isinstance(active, tuple) else (active,)
+    names = _names(active)
     placements = _placements(owner)
     if not any(n in placements for n in names):
         return None
@@ -102,14 +113,14 @@ def _active_names(owner: nn.Module, placement: Optional[str] = None):
 
 
 def _placement_of(owner: nn.Module, names) -> str:
-    """The placement of the active adapter(s) ``names`` (one name or a tuple) at a site."""
+    """The placement of the active adapter(s) ``names`` (a name, a tuple or a block) at a site."""
     placements = _placements(owner)
-    return placements[names if isinstance(names, str) else next(n for n in names if n in placements)]
+    return placements[names if isinstance(names, str) else next(n for n in _names(names) if n in placements)]
 
 
 def _active(owner: nn.Module, placement: str) -> Optional[FusedAdapter]:
     name = _active_names(owner, placement)
-    if name is None or isinstance(name, tuple):
+    if not isinstance(name, str):
         return None
     return owner.adapters[name]
 
@@ -119,6 +130,8 @@ def _houlsby_hook(module, args, output):  # on the module whose output is h
     names = _active_names(owner, "houlsby")
     if isinstance(names, tuple):
         return _Routed(owner, names, output)(output, True)
+    if isinstance(names, Block):
+        return compose.apply(owner, names, output, None)
     adapter = _active(owner, "houlsby")
     return None if adapter is None else adapter(output)
 
@@ -130,6 +143,8 @@ def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h +
         return None
     if isinstance(names, tuple):
         y = _Routed(owner, names, output)(output, args[0])
+    elif isinstance(names, Block):  # the stream t = h + r is f here: u = LN(t)
+        y = compose.apply(owner, names, args[0], None, _layer_norm(module))
     else:
         y = owner.adapters[names](output, residual=args[0])
     return F.layer_norm(y, module.normalized_shape, module.weight, module.bias, module.eps)
@@ -139,6 +154,8 @@ def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
     names = _active_names(module, "parallel")
     if isinstance(names, tuple):
         return _Routed(module, names, output)(args[0], output)
+    if isinstance(names, Block):
+        return compose.apply(module, names, output, args[0])
     adapter = _active(module, "parallel")
     return None if adapter is None else adapter(args[0], residual=output)
 
@@ -171,12 +188,18 @@ def _bert_site_forward(owner, *args, **kwargs):
         else:
             y = routed(h if placement == "houlsby" else r, h + r)
         return F.layer_norm(y, d, ln.weight, ln.bias, ln.eps)
-    adapter = owner.adapters[names]
+    h, step = compose.site(owner, names, h, r, _layer_norm(ln) if placement == "pfeiffer" else None)
+    if step is None:  # a composition that ends in no single adapter op
+        return ln(h + r)
     return adapter_layernorm(
-        h, r, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, ln.weight,
-        ln.bias, placement=placement, eps=ln.eps, activation=adapter.activation, scaling=adapter.scaling,
-        backend=adapter.backend,
+        h, r, step.w_down, step.b_down, step.w_up, step.b_up, ln.weight, ln.bias, placement=placement, eps=ln.eps,
+        activation=step.activation, scaling=step.scaling, backend=step.backend,
     )  # fmt: skip
+
+
+def _layer_norm(ln: nn.LayerNorm):
+    """The LayerNorm's math as a function (not its module: no hooks run)."""
+    return functools.partial(F.layer_norm, normalized_shape=ln.normalized_shape, weight=ln.weight, bias=ln.bias, eps=ln.eps)
 
 
 def _install_hooks(site: Site) -> None:
@@ -262,12 +285,30 @@ def set_active_adapter(model: nn.Module, name) -> None:
 
     A list of names activates several adapters of one placement (and one activation and
     scaling) at once: run the model inside :func:`adapter_routing`, which says which of
-    them each example of the batch takes. A list of one name is that name."""
+    them each example of the batch takes. A list of one name is that name.
+
+    A composition block (``fastadapter.Stack``, ``Average``, ``Fuse``, ``BatchSplit``,
+    ``Parallel``) of adapters of one placement runs that composition at every site (see
+    :mod:`fastadapter.composition`); a ``Fuse`` needs its fusion layer (:func:`add_fusion`)."""
     configs = model.__dict__.get(_CONFIGS, {})
+    if isinstance(name, Block):
+        _check_block(model, name)
+        active = name
+    else:
+        active = _check_names(configs, name)
+    for site in find_sites(model):
+        site.owner.__dict__["_fastadapter_active"] = active
+    model.__dict__["_fastadapter_active"] = active
+    _replicate_for(model, composition.parallel_channels(active) if isinstance(active, Block) else 1)
+
+
+def _check_names(configs: dict, name):
     names = [name] if name is None or isinstance(name, str) else list(name)
     if not names:
-        raise ValueError("set_active_adapter takes a name, a list of names or None, got an empty list")
+        raise ValueError("set_active_adapter takes a name, a list of names, a composition block or None, got an empty list")
     for n in names:
+        if isinstance(n, Block):
+            raise TypeError(f"a list of names routes examples to adapters; pass a composition block alone, got {n!r} in a list")
         if n is not None and n not in configs:
             raise ValueError(f"no adapter named {n!r}; the model has: {', '.join(configs) or 'none'}")
     if len(names) > 1:
@@ -279,16 +320,80 @@ def set_active_adapter(model: nn.Module, name) -> None:
                 if getattr(configs[n], attr) != getattr(first, attr):
                     raise ValueError(f"adapters active together must share their {attr}: {names[0]!r} has "
                                      f"{getattr(first, attr)!r}, {n!r} has {getattr(configs[n], attr)!r}")  # fmt: skip
-    active = names[0] if len(names) == 1 else tuple(names)
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def _check_block(model: nn.Module, block: Block) -> None:
+    """Refuse, by name, a composition this model cannot run."""
+    configs = model.__dict__.get(_CONFIGS, {})
+    composition.validate(block)
+    names = block.names()
+    for n in names:
+        if n not in configs:
+            raise ValueError(f"{block!r} names no adapter {n!r}; the model has: {', '.join(configs) or 'none'}")
+    placements = {configs[n].placement for n in names}
+    if len(placements) > 1:
+        raise ValueError(f"a composition holds adapters of one placement; {block!r} mixes "
+                         + ", ".join(f"{n}: {configs[n].placement}" for n in names))  # fmt: skip
+    placement = placements.pop()
+    fusions = model.__dict__.get(_FUSIONS, {})
+    for fuse in _blocks(block, composition.Fuse):
+        if placement == "parallel":
+            raise ValueError(f"{fuse!r}: Fuse takes pfeiffer or houlsby adapters (AdapterHub adds a parallel site's "
+                             "input twice under Fuse, and fastadapter does not copy that)")  # fmt: skip
+        if fuse.name not in fusions:
+            raise ValueError(f"{fuse!r} needs its fusion layer: fastadapter.add_fusion(model, {fuse!r}) first "
+                             f"(the model has: {', '.join(fusions) or 'none'})")  # fmt: skip
+    for stack in _blocks(block, composition.Stack):
+        if placement == "parallel" and len(stack) > 1:
+            raise ValueError(f"{stack!r}: parallel adapters all read the site's input, so a Stack of them would be "
+                             "their sum; use Average(..., normalize_weights=False) for that")  # fmt: skip
+
+
+def _blocks(block: Block, kind) -> Iterator[Block]:
+    if isinstance(block, kind):
+        yield block
+    for c in block:
+        if isinstance(c, Block):
+            yield from _blocks(c, kind)
+
+
+def _replicate_for(model: nn.Module, copies: int) -> None:
+    """Under a Parallel composition the model's forward replicates its batch ``copies`` times."""
+    handle = model.__dict__.pop("_fastadapter_replicate", None)
+    if handle is not None:
+        handle.remove()
+    if copies > 1:
+        model.__dict__["_fastadapter_copies_wanted"] = copies
+        model.__dict__["_fastadapter_replicate"] = model.register_forward_pre_hook(_replicate, with_kwargs=True)
+
+
+def _replicate(model: nn.Module, args, kwargs):
+    """Every tensor argument with the batch's leading size, repeated once per Parallel child."""
+    copies = model.__dict__["_fastadapter_copies_wanted"]
+    lead = kwargs.get("input_ids", args[0] if args else None)
+    lead = kwargs.get("inputs_embeds") if lead is None else lead
+    if not isinstance(lead, torch.Tensor):
+        raise TypeError("a Parallel composition needs input_ids or inputs_embeds to find the batch")
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:  # transformers 4 and 5
+        raise ValueError("a Parallel composition replicates the batch at the model's input: it does not run with a "
+                         "key/value cache passed in (generate); replicate the prompts and use BatchSplit")  # fmt: skip
+    batch = lead.shape[0]
+
+    def rep(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
+            return t.repeat(copies, *([1] * (t.dim() - 1)))
+        return t
+
     for site in find_sites(model):
-        site.owner.__dict__["_fastadapter_active"] = active
-    model.__dict__["_fastadapter_active"] = active
+        site.owner.__dict__[compose.COPIES] = batch
+    return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
 
 def active_adapter(model: nn.Module):
     """The active adapter's name, a list of names (several active), or None."""
     active = model.__dict__.get("_fastadapter_active")
-    return list(active) if isinstance(active, tuple) else active
+    return list(active) if isinstance(active, tuple) else active  # a name, a block or None
 
 
 @contextlib.contextmanager
@@ -326,8 +431,13 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")
     active = active_adapter(model)
-    if active == name or (isinstance(active, list) and name in active):
+    if active == name or (isinstance(active, list) and name in active) or (isinstance(active, Block) and name in active.names()):
         set_active_adapter(model, None)
+    from .fusion import fusion_configs, remove_fusion  # fusion.py builds on this module
+
+    for fusion, (names, _) in fusion_configs(model).items():
+        if name in names:
+            remove_fusion(model, fusion)
     for site in find_sites(model):
         if isinstance(getattr(site.owner, "adapters", None), nn.ModuleDict) and name in site.owner.adapters:
             del site.owner.adapters[name]
@@ -336,7 +446,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def mark_only_adapters_trainable(model: nn.Module, train_head: bool = True) -> dict[str, int]:
-    """Freeze the base model; adapters (and, if asked, the task head) stay trainable.
+    """Freeze the base model; adapters and fusion layers (and, if asked, the task head) stay trainable.
 
     The head is every parameter outside ``model.base_model`` (Hugging Face's split of a
     task model into base model and head). Returns parameter counts.
@@ -346,7 +456,7 @@ def mark_only_adapters_trainable(model: nn.Module, train_head: bool = True) -> d
     trainable = 0
     total = 0
     for pname, p in model.named_parameters():
-        in_adapter = ".adapters." in f".{pname}"
+        in_adapter = ".adapters." in f".{pname}" or ".adapter_fusion_layer." in f".{pname}"
         in_head = base_ids is not None and id(p) not in base_ids
         p.requires_grad_(in_adapter or (train_head and in_head))
         total += p.numel()
