@@ -5,7 +5,10 @@ A directory written by AdapterHub's ``save_adapter`` holds ``adapter_config.json
 ``...layer.<i>.<site>.adapters.<name>.adapter_down.0.weight`` / ``adapter_up.weight``
 (decoders: ``...layers.<i>.attention_adapters.adapters.<name>...`` and ``output_adapters``).
 The seq_bn (pfeiffer), double_seq_bn (houlsby) and par_bn (parallel) configurations map
-onto fastadapter's placements; anything else raises an error that names it.
+onto fastadapter's placements; anything else raises an error that names it. A directory
+written by ``save_adapter_fusion`` holds ``adapter_fusion_config.json`` and
+``pytorch_model_adapter_fusion.bin`` with ``...adapter_fusion_layer.<a,b>.query.weight`` and
+the like, next to the adapters; both functions read and write those too.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from torch import nn
 
 from .. import __version__
 from ..activations import canonical_activation
-from .config import AdapterConfig
+from .config import AdapterConfig, FusionConfig
 from .distributed import writing_files
+from .fusion import add_fusion, fusion_configs, fusion_state_dict, remove_fusion
 from .model import adapter_configs, adapter_state_dict, add_adapters, remove_adapter
 from .sites import find_sites
 
 CONFIG_FILE = "adapter_config.json"
 BIN_FILE = "pytorch_adapter.bin"
 SAFE_FILE = "adapter.safetensors"
+FUSION_CONFIG_FILE = "adapter_fusion_config.json"
+FUSION_BIN_FILE = "pytorch_model_adapter_fusion.bin"
+FUSION_SAFE_FILE = "model_adapter_fusion.safetensors"
 
 # BERT-family: ...layer.<i>.attention.output / output (DistilBERT: attention_adapters /
 # output_adapters); decoders: ...layers.<i> (Llama family) or ...h.<i> (GPT-2) with
@@ -36,6 +43,10 @@ SAFE_FILE = "adapter.safetensors"
 _KEY = re.compile(
     r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapters\."
     r"([^.]+)\.(adapter_down\.0|adapter_up)\.(weight|bias)$"
+)
+_FUSION_KEY = re.compile(
+    r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.(attention\.output|output|attention_adapters|output_adapters)\.adapter_fusion_layer\."
+    r"([^.]+)\.(query|key|value)\.(weight|bias)$"
 )
 _KIND = {"attention.output": "attention", "attention_adapters": "attention", "output": "output", "output_adapters": "output"}
 _PARAM = {"adapter_down.0": "down", "adapter_up": "up"}
@@ -143,33 +154,32 @@ def config_from_adapterhub(conf: Any) -> AdapterConfig:
     )
 
 
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
-    safe, binary = os.path.join(directory, SAFE_FILE), os.path.join(directory, BIN_FILE)
+def _read_weights(directory: str, safe: str = SAFE_FILE, binary: str = BIN_FILE) -> dict[str, torch.Tensor]:
+    safe, binary = os.path.join(directory, safe), os.path.join(directory, binary)
     if os.path.exists(safe):
         from safetensors.torch import load_file
 
         return load_file(safe)
     if os.path.exists(binary):
         return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has neither {SAFE_FILE} nor {BIN_FILE}")
+    raise FileNotFoundError(f"{directory} has neither {os.path.basename(safe)} nor {os.path.basename(binary)}")
 
 
 def load_adapterhub(model: nn.Module, directory: str, name: Optional[str] = None) -> str:
-    """Add the AdapterHub adapter saved in ``directory`` to ``model`` and make it active.
+    """Add the AdapterHub adapter saved in ``directory`` to ``model`` and make it active; or,
+    for a directory AdapterHub's ``save_adapter_fusion`` wrote, add that fusion layer (its
+    adapters must be in the model already; activate it with ``set_active_adapter(model,
+    Fuse(...))``).
 
     Returns its name (``name``, else the name it was saved under). On any mismatch
     (model type, hidden size, missing or extra weights) nothing is added.
     """
+    if os.path.exists(os.path.join(directory, FUSION_CONFIG_FILE)):
+        return _load_fusion(model, directory, name)
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         meta = json.load(f)
     config = config_from_adapterhub(meta.get("config", meta))
-    model_config = getattr(model, "config", None)
-    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "dim", None)
-    if meta.get("hidden_size") is not None and hidden is not None and meta["hidden_size"] != hidden:
-        raise ValueError(f"the AdapterHub adapter is for hidden size {meta['hidden_size']}, this model has {hidden}")
-    mtype = getattr(model_config, "model_type", None)
-    if meta.get("model_type") and mtype and meta["model_type"] != mtype:
-        raise ValueError(f"the AdapterHub adapter was saved from a {meta['model_type']!r} model, this is {mtype!r}")
+    _check_model(model, meta, "adapter")
     saved_name = meta.get("name")
     name = name or saved_name
     if not name:
@@ -203,16 +213,86 @@ def load_adapterhub(model: nn.Module, directory: str, name: Optional[str] = None
     return name
 
 
+def _check_model(model: nn.Module, meta: dict, what: str) -> None:
+    model_config = getattr(model, "config", None)
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "dim", None)
+    if meta.get("hidden_size") is not None and hidden is not None and meta["hidden_size"] != hidden:
+        raise ValueError(f"the AdapterHub {what} is for hidden size {meta['hidden_size']}, this model has {hidden}")
+    mtype = getattr(model_config, "model_type", None)
+    if meta.get("model_type") and mtype and meta["model_type"] != mtype:
+        raise ValueError(f"the AdapterHub {what} was saved from a {meta['model_type']!r} model, this is {mtype!r}")
+
+
+def _load_fusion(model: nn.Module, directory: str, name: Optional[str]) -> str:
+    """An AdapterHub fusion layer (``adapter_fusion_config.json`` and its weights) into ``model``."""
+    with open(os.path.join(directory, FUSION_CONFIG_FILE)) as f:
+        meta = json.load(f)
+    _check_model(model, meta, "fusion layer")
+    saved = meta.get("name") or ",".join(meta["adapter_names"])
+    name = add_fusion(model, meta["adapter_names"], FusionConfig.load(meta.get("config")), name=name or saved)
+    try:
+        weights = _read_weights(directory, FUSION_SAFE_FILE, FUSION_BIN_FILE)
+        owners = {(s.layer, s.kind): s.owner for s in find_sites(model)}
+        filled = set()
+        for key, value in weights.items():
+            m = _FUSION_KEY.search(key)
+            if m is None or m.group(3) != saved:
+                raise ValueError(f"unexpected parameter {key!r} in the AdapterHub fusion checkpoint")
+            layers = getattr(owners.get((int(m.group(1)), _KIND[m.group(2)])), "adapter_fusion_layer", {})
+            if name not in layers or getattr(layers[name], m.group(4)) is None:
+                raise ValueError(f"the AdapterHub fusion checkpoint has {key!r}, but this model has no such fusion parameter")
+            param = getattr(getattr(layers[name], m.group(4)), m.group(5))
+            if param.shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)}, this model needs {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(value)
+            filled.add(id(param))
+        expected = list(fusion_state_dict(model, name))
+        if len(filled) != len(expected):
+            raise ValueError(f"the AdapterHub fusion checkpoint lacks {len(expected) - len(filled)} of the layer's "
+                             f"{len(expected)} parameters")  # fmt: skip
+    except Exception:
+        remove_fusion(model, name)
+        raise
+    return name
+
+
+def _save_fusion(model: nn.Module, directory: str, name: str) -> None:
+    fused, config = fusion_configs(model)[name]
+    model_config = getattr(model, "config", None)
+    meta = {
+        "adapter_names": fused,
+        "config": config.to_dict(),  # AdapterHub's AdapterFusionConfig fields
+        "hidden_size": find_sites(model)[0].hidden_size,
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "name_or_path", "") or "",
+        "model_type": getattr(model_config, "model_type", None),
+        "name": name,
+        "version": f"fastadapter.{__version__}",
+    }
+    weights = {_hub_key(k): v.cpu().clone() for k, v in fusion_state_dict(model, name).items()}
+    with writing_files(model) as writes:
+        if writes:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, FUSION_CONFIG_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+            torch.save(weights, os.path.join(directory, FUSION_BIN_FILE))
+
+
 def _hub_key(pname: str) -> str:
     # DistilBERT's attention and ffn, a decoder's self_attn (GPT-2: attn) and mlp
-    pname = re.sub(r"\.(?:attention|self_attn|attn)\.adapters\.", ".attention_adapters.adapters.", pname)
-    pname = re.sub(r"\.(?:ffn|mlp)\.adapters\.", ".output_adapters.adapters.", pname)
+    pname = re.sub(r"\.(?:attention|self_attn|attn)\.(adapters|adapter_fusion_layer)\.", r".attention_adapters.\1.", pname)
+    pname = re.sub(r"\.(?:ffn|mlp)\.(adapters|adapter_fusion_layer)\.", r".output_adapters.\1.", pname)
     pname = re.sub(r"\.down\.(weight|bias)$", r".adapter_down.0.\1", pname)
     return re.sub(r"\.up\.(weight|bias)$", r".adapter_up.\1", pname)
 
 
 def save_adapterhub(model: nn.Module, directory: str, name: str) -> None:
-    """Write adapter ``name`` of ``model`` as a directory AdapterHub's ``load_adapter`` reads."""
+    """Write adapter ``name`` of ``model`` as a directory AdapterHub's ``load_adapter`` reads;
+    for a fusion layer's name (``"a,b"``), one its ``load_adapter_fusion`` reads."""
+    if name in fusion_configs(model):
+        _save_fusion(model, directory, name)
+        return
     configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")

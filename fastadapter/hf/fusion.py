@@ -65,8 +65,9 @@ def add_fusion(model: nn.Module, names: Union[Fuse, Sequence[str], str], config:
     if fuse.name in fusions:
         raise ValueError(f"the model already has a fusion layer {fuse.name!r}")
     dropout = config.dropout_prob
-    if dropout is None:
-        dropout = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0
+    if dropout is None:  # as AdapterHub: the model's attention dropout (GPT-2: attn_pdrop), else none
+        model_config = getattr(model, "config", None)
+        dropout = getattr(model_config, "attention_probs_dropout_prob", None) or getattr(model_config, "attn_pdrop", 0.0) or 0.0
     for site in find_sites(model):
         adapters = getattr(site.owner, "adapters", {})
         held = [adapters[n] for n in fuse.names() if n in adapters]

