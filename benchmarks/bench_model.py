@@ -172,11 +172,11 @@ def _lm_fastadapter():
 def _site_as_adapter_op(owner, names, f, x, norm):
     """A decoder site as the adapter op with x + F as its residual; the model's norms then run
     as its own modules (the integration without fastadapter.adapter_rmsnorm)."""
-    from fastadapter.hf import decoder
+    from fastadapter.hf import compose
 
     adapter = owner.adapters[names]
     placement = hf_model._placements(owner)[names]
-    u = decoder._site_input(placement, f, x)
+    u = compose.adapter_input(placement, f, x)
     y = fa.fused_adapter(u, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias,
                          activation=adapter.activation, scaling=adapter.scaling, residual=x + f)  # fmt: skip
     return y, None

@@ -245,24 +245,24 @@ def fuse_adapters(u: Tensor, adapters: Sequence, fusion) -> Tensor:
     is d x sum r_i wide instead of AdapterHub's three d x d projections and n branch outputs."""
     d = u.shape[-1]
     acc = torch.promote_types(u.dtype, torch.float32)
-    w_down = torch.cat([a.down.weight for a in adapters])
-    b_down = torch.cat([_bias(a.down, a.down.weight.shape[0]) for a in adapters])
-    z = torch.cat([act(F.linear(u, a.down.weight, a.down.bias), a.activation) for a in adapters], dim=-1) \
-        if len({a.activation for a in adapters}) > 1 else act(F.linear(u, w_down, b_down), adapters[0].activation)  # fmt: skip
     sizes = [a.down.weight.shape[0] for a in adapters]
+    units = sum(sizes)
     p_up = torch.cat([a.up.weight.to(acc) * a.scaling for a in adapters], dim=1)  # [d, R]
     b_up = torch.stack([_bias(a.up, d).to(acc) * a.scaling for a in adapters], dim=1)  # [d, n]
     cols = torch.cat([p_up, b_up], dim=1)  # [d, R + n]: the n branches' columns and biases
     keyed = fusion.key.weight.to(acc) @ cols if fusion.key is not None else cols  # rows: W_k P_i, W_k s_i b_up_i
-    if fusion.query is not None:
-        m = keyed.T @ fusion.query.weight.to(acc)  # [R + n, d]
-        c = keyed.T @ fusion.query.bias.to(acc) if fusion.query.bias is not None else None
-    else:
-        m, c = keyed.T, None
-    g = F.linear(u, m.to(u.dtype), None if c is None else c.to(u.dtype))  # [..., R + n]
+    m = keyed.T @ fusion.query.weight.to(acc) if fusion.query is not None else keyed.T  # [R + n, d]
+    c = keyed.T @ fusion.query.bias.to(acc) if fusion.query is not None and fusion.query.bias is not None else None
+    # one product of u for the pre-activations and the score columns: [..., R] and [..., R + n]
+    w = torch.cat([torch.cat([a.down.weight for a in adapters]), m.to(u.dtype)])
+    b = torch.cat([torch.cat([_bias(a.down, r) for a, r in zip(adapters, sizes)]),
+                   c.to(u.dtype) if c is not None else u.new_zeros(m.shape[0])])  # fmt: skip
+    pre, g = F.linear(u, w, b).split([units, units + len(adapters)], dim=-1)
+    z = torch.cat([act(t, a.activation) for t, a in zip(pre.split(sizes, dim=-1), adapters)], dim=-1) \
+        if len({a.activation for a in adapters}) > 1 else act(pre, adapters[0].activation)  # fmt: skip
     segments = torch.repeat_interleave(torch.arange(len(adapters), device=u.device), torch.tensor(sizes, device=u.device))
     ones = F.one_hot(segments, len(adapters)).to(u.dtype)  # [R, n]: which adapter each unit belongs to
-    scores = (g[..., : sum(sizes)] * z) @ ones + g[..., sum(sizes) :]
+    scores = (g[..., :units] * z) @ ones + g[..., units:]
     p = fusion.probabilities(scores)
     valued = fusion.value.weight.to(acc) @ cols if fusion.value is not None else cols  # [d, R + n]
     weights = torch.cat([(p @ ones.T) * z, p], dim=-1)  # [..., R + n]

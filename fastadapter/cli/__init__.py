@@ -10,6 +10,8 @@ after, and saves the adapters (a few hundred kB), ``metrics.json`` and a plot of
 to ``--output``. ``fastadapter predict`` (classifier runs) and ``fastadapter generate``
 (decoder runs) serve what a run trained, tasks mixed in one batch.
 
+``--fuse bbc,sentiment --task bbc`` trains AdapterFusion over the two tasks' adapters.
+
 ``fastadapter info`` prints what the library sees on this machine (``--json`` for scripts);
 ``fastadapter bench`` times the adapter op against eager PyTorch and ``torch.compile``, and
 with ``--traffic`` / ``--memory`` counts bytes moved and memory saved.
@@ -70,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                         "batches that mix them (default --max-steps 150); each task is also trained alone "
                         "for the same steps, for comparison")  # fmt: skip
     t.add_argument("--no-single", action="store_true", help="with --tasks: skip the single-task comparison runs")
+    t.add_argument("--fuse", default=None,
+                   help="BERT: tasks whose adapters to fuse (AdapterFusion), e.g. bbc,sentiment: trains each task's adapter, "
+                        "then a fusion layer over them for --task")  # fmt: skip
     par = t.add_mutually_exclusive_group()
     par.add_argument("--fsdp", dest="mode", action="store_const", const="fsdp",
                      help="under torchrun: the model sharded over the processes (FSDP2), each a part of every batch")  # fmt: skip
@@ -143,16 +148,26 @@ def train(args) -> dict:
     if args.output is None:
         model = os.path.basename(os.path.normpath(args.model))
         args.output = os.path.join("runs", f"{model}-{'-'.join(tasks)}" if decoder else "multi" if args.tasks else tasks[0])
+        if args.fuse:
+            args.output = os.path.join("runs", f"fuse-{args.fuse.replace(',', '-')}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tasks and not decoder and args.mode:
         raise SystemExit(f"--{args.mode} trains one BERT task, or decoders with one task or several; not BERT with --tasks")
+    if args.fuse and (decoder or args.tasks):
+        raise SystemExit("--fuse trains AdapterFusion on a BERT-family model for one --task; not with decoders or --tasks")
+
     procs = Processes(args.mode)  # one process unless --fsdp or --ddp under torchrun
     try:
         if decoder:
             from . import lm
 
             return lm.train(args, tasks, procs)
+        if args.fuse:
+            from . import fusion
+
+            args.task = tasks[0]
+            return fusion.train(args, parse_tasks(args.fuse), procs)
         if args.tasks:
             from . import multitask
 

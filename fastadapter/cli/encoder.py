@@ -43,7 +43,10 @@ def evaluate(model, encodings, labels, indices, batch_size, procs=None) -> dict:
     return {"accuracy": correct / max(seen, 1), "loss": loss_sum / max(seen, 1), "examples": seen}
 
 
-def train(args, procs: Processes | None = None) -> dict:
+def train(args, procs: Processes | None = None, setup=None) -> dict:
+    """One task's run. ``setup(model) -> (counts, description, extra_loss)`` replaces the
+    default (adapters named after the task, trained with the head): the fusion stage of
+    ``--fuse`` loads trained adapters there and trains a fusion layer over them."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import fastadapter as fa
@@ -59,16 +62,21 @@ def train(args, procs: Processes | None = None) -> dict:
     path = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
-    config = fa.AdapterConfig(
-        placement=args.placement, reduction_factor=args.reduction_factor, activation=args.activation, backend=args.backend
-    )
-    fa.add_adapters(model, config, args.task)
-    counts = fa.mark_only_adapters_trainable(model, train_head=True)
+    if setup is None:
+        config = fa.AdapterConfig(
+            placement=args.placement, reduction_factor=args.reduction_factor, activation=args.activation, backend=args.backend
+        )
+        fa.add_adapters(model, config, args.task)
+        counts = fa.mark_only_adapters_trainable(model, train_head=True)
+        what, extra_loss = f"{counts['adapters'] / 1e3:.0f}k in {config.placement} adapters", None
+        placement = config.placement
+    else:
+        counts, what, extra_loss = setup(model)
+        placement = next(iter(fa.adapter_configs(model).values())).placement
     shared = f"; each of {procs.world} processes ({procs.mode}) a part of every batch" if procs.world > 1 else ""
     procs.print(
         f"{model.config.model_type} from {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}): "
-        f"{counts['total'] / 1e6:.1f}M parameters, "
-        f"training {counts['trainable'] / 1e3:.0f}k ({counts['adapters'] / 1e3:.0f}k in {config.placement} adapters); "
+        f"{counts['total'] / 1e6:.1f}M parameters, training {counts['trainable'] / 1e3:.0f}k ({what}); "
         f"backends: {fa.available_backends()}{shared}"
     )
     hf_model, model = model, procs.wrap(model)
@@ -91,7 +99,7 @@ def train(args, procs: Processes | None = None) -> dict:
             rows, weight = procs.part(list(range(len(target))))
             idx = torch.tensor(rows)
             loss = procs.weighted(model(**{k: v[idx] for k, v in batch.items()}, labels=target[idx]).loss, weight)
-            loss.backward()
+            (loss if extra_loss is None else loss + extra_loss(hf_model)).backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -113,7 +121,7 @@ def train(args, procs: Processes | None = None) -> dict:
     history.append({"step": step, "accuracy": after["accuracy"], "eval_loss": after["loss"]})
     peaks = [round(m) for m in procs.gather(peak_rss_mib())]
     held = [round(m) for m in procs.gather(held_here)]
-    procs.save_adapters(hf_model, os.path.join(args.output, "adapters"), args.task)
+    procs.save_adapters(hf_model, os.path.join(args.output, "adapters"), args.task if setup is None else None)
     head = {k: full(v) for k, v in hf_model.state_dict().items() if not k.startswith(hf_model.base_model_prefix + ".")}
     if not procs.main:
         procs.barrier()
@@ -124,7 +132,7 @@ def train(args, procs: Processes | None = None) -> dict:
         "model": path,
         "task": args.task,
         "labels": names,
-        "placement": config.placement,
+        "placement": placement,
         "steps": step,
         "train_seconds": round(elapsed, 1),
         "processes": procs.world,
@@ -143,7 +151,7 @@ def train(args, procs: Processes | None = None) -> dict:
 
     why_not = plots.available()
     if why_not is None:
-        title = f"{args.model} ({hf_model.config.model_type}), {config.placement} adapters, {args.task}: {step} steps"
+        title = f"{args.model} ({hf_model.config.model_type}), {placement} adapters, {args.task}: {step} steps"
         curve = plots.training_curve(history, os.path.join(args.output, "curve.png"), title=title)
     else:
         curve = f"no plot ({why_not})"

@@ -81,7 +81,7 @@ class Processes:
         """The mean over the processes of a weighted loss: the whole batch's loss."""
         return self.sum(value)[0] / self.world
 
-    def save_adapters(self, model: nn.Module, directory: str, name: str) -> None:
+    def save_adapters(self, model: nn.Module, directory: str, name: str | None) -> None:
         """``fastadapter.save_adapters`` as the run's processes must call it: every process on
         a sharded model (each gathers, the first writes), the first alone otherwise."""
         import fastadapter as fa
