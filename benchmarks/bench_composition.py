@@ -95,7 +95,8 @@ def _callables(key, mode):
     fns = {"adapterhub": hub[key], "single": lambda: single(h), "fastadapter": lambda: compose.apply(owner, block, h, None)}
     with torch.no_grad():  # the block as written out and as run agree before anything is timed
         if key != "average4":  # AdapterHub's Average also scales F by sum(w) / n = 1/4
-            torch.testing.assert_close(fns["fastadapter"](), fns["adapterhub"](), rtol=1e-3, atol=1e-3)
+            tol = 1e-3 if DTYPE == torch.float32 else 3e-2
+            torch.testing.assert_close(fns["fastadapter"](), fns["adapterhub"](), rtol=tol, atol=tol)
     if mode == "fwd":
         return fns
     dy = torch.randn(N, D, generator=g).to(DEVICE, DTYPE)

@@ -20,7 +20,7 @@ def model_rows(data: dict):
     """Rows of whole-model benchmarks (bench_model.py): each provider against the floor."""
     for b in data["benchmarks"]:
         info = b["extra_info"]
-        res = info["results"]
+        res = info.get("results", {})
         if "floor" not in res:
             continue
         floor = res["floor"]["median_s"]
@@ -51,6 +51,25 @@ def split_rows(data: dict):
         )
 
 
+def composition_rows(data: dict):
+    """Rows of bench_composition.py: each block's providers against AdapterHub's ops and one
+    adapter; then the ops and bytes each runs."""
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        res = info.get("results", {})
+        if "adapterhub" in res and "single" in res:
+            hub, single = res["adapterhub"]["median_s"], res["single"]["median_s"]
+            for name, r in res.items():
+                t = r["median_s"]
+                yield (f"| {info['activation']} | {info['mode']} | {name} | {t * 1e3:.2f} | {hub / t:.2f}x | "
+                       f"{t / single:.2f}x |")  # fmt: skip
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        for name, c in info.get("counts", {}).items():
+            yield (f"| {info['block']} | ops and bytes | {name} | {c['fwd_ops']} + {c['bwd_ops']} ops over the rows | "
+                   f"{c['fwd_passes']:.1f} + {c['bwd_passes']:.1f} passes of N x d | |")  # fmt: skip
+
+
 def cpu_name(cpu: dict) -> str:
     """Vendor, model as the OS reports it, family/model numbers and vector width: the
     same brand string covers CPUs with and without AVX-512 (AMD EPYC Zen 3 and Zen 4)."""
@@ -71,13 +90,19 @@ def table(paths) -> str:
             data = json.load(f)
         mi = data.get("machine_info", {})
         out.append(f"Machine: {mi.get('node', '?')}, {cpu_name(mi.get('cpu', {}))} ({data.get('datetime', '')[:10]})\n")
-        cases = [b["extra_info"] for b in data["benchmarks"] if "eager" in b["extra_info"]["results"]]
+        cases = [b["extra_info"] for b in data["benchmarks"] if "eager" in b["extra_info"].get("results", {})]
         if cases:
             out.append(bench.markdown(cases))
         split = list(split_rows(data))
         if split:
             out.append("")
             out.extend(split)
+        composed = list(composition_rows(data))
+        if composed:
+            out.append("")
+            out.append("| block | mode | provider | median ms | AdapterHub's ops / provider | provider / one adapter |")
+            out.append("|---|---|---|---|---|---|")
+            out.extend(composed)
         model = list(model_rows(data))
         if model:
             out.append("")
