@@ -41,6 +41,8 @@ def _randomize(model, seed=1):
         for n, p in model.named_parameters():
             if ".adapters." in n:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif ".adapter_fusion_layer." in n:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def build(kind: str):
@@ -52,9 +54,12 @@ def build(kind: str):
     else:
         model = LlamaForCausalLM(LlamaConfig(**LLAMA))
         fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4), "a")
-        if kind in ("routed", "switched"):
+        if kind in ("routed", "switched", "composed"):
             fa.add_adapters(model, fa.AdapterConfig(placement="houlsby", reduction_factor=4), "b")
             fa.set_active_adapter(model, ["a", "b"] if kind == "routed" else "a")
+        if kind == "composed":  # a Stack whose last step is a fusion layer: trained with the adapters
+            fa.add_fusion(model, ["a", "b"])
+            fa.set_active_adapter(model, fa.Stack("b", fa.Fuse("a", "b")))
     _randomize(model)
     fa.mark_only_adapters_trainable(model, train_head=False)
     return model
@@ -125,7 +130,7 @@ def worker(rank: int, port: int, out: str) -> None:
     seen: dict = {}
     half = slice(rank * 2, rank * 2 + 2)
     try:
-        for kind in ("bert", "llama", "routed", "switched"):
+        for kind in ("bert", "llama", "routed", "switched", "composed"):
             model = switch(fa.shard_model(build(kind)), kind)
             with OpInputs() as ops, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -192,7 +197,7 @@ def _assert_same(got: dict, want: dict) -> None:
         assert err <= 1e-6, f"{name}: {err:.2e}"
 
 
-@pytest.mark.parametrize("case", ["fsdp/bert", "fsdp/llama", "fsdp/routed", "fsdp/switched", "ddp/llama"])
+@pytest.mark.parametrize("case", ["fsdp/bert", "fsdp/llama", "fsdp/routed", "fsdp/switched", "fsdp/composed", "ddp/llama"])
 def test_two_ranks_give_one_process_loss_and_adapter_gradients(ranks, case):
     _, seen = ranks
     want = _single(case.split("/")[1])
@@ -212,6 +217,7 @@ OPS = {  # the ops each sharded case runs, forward and backward
     "fsdp/llama": {"adapter_rmsnorm_forward", "adapter_rmsnorm_backward", "adapter_forward", "adapter_backward"},
     "fsdp/switched": {"adapter_rmsnorm_forward", "adapter_rmsnorm_backward", "adapter_forward", "adapter_backward"},
     "fsdp/routed": {"mixed_adapter_forward", "mixed_adapter_backward"},
+    "fsdp/composed": {"adapter_forward", "adapter_backward"},  # the Stack's adapter; the Fuse is ATen ops
 }
 
 
