@@ -19,7 +19,11 @@ site module's ``forward`` is replaced, on that instance only, by ``_bert_site_fo
 which runs the module's own forward whenever no adapter of its placement is active. In
 DistilBERT, whose LayerNorms sit in the transformer block, the adapter op runs from hooks:
 houlsby replaces h by h + s*f(h); pfeiffer re-normalizes t + s*f(LN(t)) with t = h + r;
-parallel replaces h by h + s*f(r).
+parallel replaces h by h + s*f(r). Under a pfeiffer composition the FFN's hook keeps h and r
+apart for the LayerNorm's hook (AdapterHub's Average scales h alone).
+
+A composition block (:mod:`fastadapter.composition`) runs at each site through
+:mod:`fastadapter.hf.compose`.
 
 Decoders (Llama, Mistral, Qwen2, Qwen3, GPT-2) keep their adapters on the attention and MLP
 modules (``...self_attn.adapters.<name>``, ``...mlp.adapters.<name>``); their sites are
@@ -61,6 +65,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # copy.deepcopy and pickle of a model with adapters keep working (closures would tie a
 # copy to the original's adapters, and do not pickle).
 _OWNER = "_fastadapter_owner"  # plain attribute of a hooked module: the site's owner module
+_SPLIT = "_fastadapter_split"  # DistilBERT FFN attribute: (r, h) of this forward, for a pfeiffer composition
 
 
 def _placements(owner: nn.Module) -> dict:
@@ -143,14 +148,18 @@ def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h +
         return None
     if isinstance(names, tuple):
         y = _Routed(owner, names, output)(output, args[0])
-    elif isinstance(names, Block):  # the stream t = h + r is f here: u = LN(t)
-        y = compose.apply(owner, names, args[0], None, _layer_norm(module))
+    elif isinstance(names, Block):  # h and r as the FFN's hook kept them: AdapterHub's Average scales h alone
+        r, h = owner.__dict__.pop(_SPLIT)
+        y = r + compose.apply(owner, names, h, r, _layer_norm(module))
     else:
         y = owner.adapters[names](output, residual=args[0])
     return F.layer_norm(y, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 def _parallel_hook(module, args, output):  # DistilBERT's FFN: h + s * f(r)
+    if isinstance(_active_names(module, "pfeiffer"), Block):  # the LayerNorm's hook runs the composition on r, h
+        module.__dict__[_SPLIT] = (args[0], output)
+        return None
     names = _active_names(module, "parallel")
     if isinstance(names, tuple):
         return _Routed(module, names, output)(args[0], output)

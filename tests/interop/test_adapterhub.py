@@ -324,7 +324,7 @@ def _check_blocks(hub, ours, tmp_path, run, batch_rows):
 
 
 @pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn"])
-@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "llama", "gpt2"])
 def test_compositions_and_fusion_checkpoints_match_adapterhub(arch, config, tmp_path):
     hub, ours = _pair(arch) if arch in ARCHS else _decoder_pair(arch)
     _hub_composed(hub, {"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig}[config](reduction_factor=4), tmp_path)
