@@ -281,6 +281,7 @@ def _blocks(C):
         "average": (C.Average("a", "b", weights=[0.3, 0.7]), fa.Average("a", "b", weights=[0.3, 0.7], form="adapterhub")),
         "fuse": (C.Fuse("a", "b"), fa.Fuse("a", "b")),
         "batchsplit": (C.BatchSplit("a", "b", batch_sizes=[1, 1]), fa.BatchSplit("a", "b", batch_sizes=[1, 1])),
+        "parallel": (C.Parallel("a", "b"), fa.Parallel("a", "b")),  # the batch twice: rows [i*B, (i+1)*B) through i
     }
 
 
@@ -303,7 +304,7 @@ def _hub_composed(hub, config, tmp_path, scale=0.2):
     hub.eval()  # AdapterHub's GPT-2 leaves the layers it adds in training mode (score dropout on)
 
 
-def _check_blocks(hub, ours, tmp_path, run, batch_rows):
+def _check_blocks(hub, ours, tmp_path, run, batch_rows, parallel=True):
     import adapters.composition as C
 
     for n in ("a", "b"):
@@ -315,11 +316,18 @@ def _check_blocks(hub, ours, tmp_path, run, batch_rows):
                 C.BatchSplit("a", "b", batch_sizes=[1, batch_rows - 1]),
                 fa.BatchSplit("a", "b", batch_sizes=[1, batch_rows - 1]),
             )
+        if key == "parallel" and not parallel:
+            continue
         hub.set_active_adapters(theirs)
         fa.set_active_adapter(ours, mine)
         want, got = run(hub), run(ours)
         hub.set_active_adapters("a")
-        assert (want - run(hub)).abs().max() > 1e-3, key  # the composition differs from one adapter
+        single = run(hub)
+        if key == "parallel":  # the batch twice: the first copy is adapter a's output
+            rows = single.shape[0]
+            assert want.shape[0] == 2 * rows and (want[:rows] - single).abs().max() <= 1e-4
+        else:
+            assert (want - single).abs().max() > 1e-3, key  # the composition differs from one adapter
         assert (got - want).abs().max().item() <= 1e-4, key
 
 
@@ -378,7 +386,7 @@ def test_real_minilm_compositions_match_adapterhub(tmp_path):
         with torch.no_grad():
             return model(**batch).last_hidden_state
 
-    _check_blocks(hub, ours, tmp_path, run, 2)
+    _check_blocks(hub, ours, tmp_path, run, 2, parallel=False)  # Parallel: on the tiny models
 
 
 def test_real_smollm2_compositions_match_adapterhub(smollm2, tmp_path):
@@ -387,4 +395,4 @@ def test_real_smollm2_compositions_match_adapterhub(smollm2, tmp_path):
     base, batch = smollm2
     hub, ours = copy.deepcopy(base), copy.deepcopy(base)
     _hub_composed(hub, SeqBnConfig(), tmp_path, scale=0.02)
-    _check_blocks(hub, ours, tmp_path, lambda m: _lm_logits(m, batch), 2)
+    _check_blocks(hub, ours, tmp_path, lambda m: _lm_logits(m, batch), 2, parallel=False)
