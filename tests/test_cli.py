@@ -78,6 +78,31 @@ def test_fuse_trains_each_tasks_adapter_then_a_fusion_layer_over_them(tmp_path, 
         cli.main(["train", "--fuse", "bbc,sentiment", "--tasks", "bbc,sentiment", "--output", str(tmp_path / "x")])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_left_padded_prompt_reads_what_it_reads_alone(arch):
+    """Training and evaluation batch prompts of several lengths, padded on the left: each
+    row's next-token logits must not depend on its padding (positions count from its first
+    real token)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from fastadapter.cli.lm import _collate, next_token_logits
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2)  # fmt: skip
+        model = LlamaForCausalLM(config).eval()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4)).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    with torch.no_grad():
+        batched = next_token_logits(model, *_collate(prompts, 0))
+        for b, p in enumerate(prompts):
+            alone = next_token_logits(model, *_collate([p], 0))
+            assert (batched[b] - alone[0]).abs().max() <= 1e-5, b
+
+
 def _is_png(path) -> bool:
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
 

@@ -76,8 +76,11 @@ def _collate(prompts: list[list[int]], pad_id: int):
 
 def next_token_logits(model, ids, mask) -> torch.Tensor:
     """Logits of the token after each row's prompt: the LM head on the last position only.
-    ``model`` may be sharded (FSDP2) or wrapped (DDP): it is called as a whole."""
-    return model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1]
+    Positions count from each row's first real token (as ``generate`` counts them), so a
+    left-padded prompt reads what it reads alone. ``model`` may be sharded (FSDP2) or wrapped
+    (DDP): it is called as a whole."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False).logits[:, -1]
 
 
 def _routed(model, count: int, ids: torch.Tensor):
