@@ -385,3 +385,29 @@ def test_blocks_of_adapters_run_as_the_fused_ops_alone(setup, fwd, bwd):
         torch.autograd.grad(y, [h, *owner.parameters()], dy, allow_unused=True)
     assert forward.names == fwd
     assert backward.names == bwd
+
+
+def test_a_block_whose_adapters_a_layer_leaves_out_leaves_that_layer_alone():
+    """leave_out gives some layers none of a nested block's adapters: there the block adds
+    nothing, and the other steps run as they would."""
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", bottleneck_size=4), "a")
+    for n in ("b", "c"):
+        fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", bottleneck_size=4, leave_out=[0]), n)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".adapters." in pname:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    with torch.no_grad():
+        fa.set_active_adapter(model, Stack("a", Average("b", "c")))
+        got = _output(model, IDS)
+        fa.set_active_adapter(model, "a")
+        only_a = _output(model, IDS)
+        fa.remove_adapter(model, "b")
+        fa.remove_adapter(model, "c")
+        assert rel_err(got, only_a) > 1e-3  # layer 1 ran the Average
+        fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", bottleneck_size=4, leave_out=[0, 1]), "b")
+        fa.set_active_adapter(model, Stack("a", Average("b", "b")))  # no layer has b: a alone
+        assert rel_err(_output(model, IDS), only_a) <= 1e-6

@@ -100,7 +100,10 @@ def site(owner: nn.Module, setup, f: Tensor, x: Optional[Tensor], norm: Optional
 
 
 def apply(owner: nn.Module, setup, f: Tensor, x: Optional[Tensor], norm: Optional[Callable] = None) -> Tensor:
-    """The sub-layer output after ``setup`` at this site (the stream x not added)."""
+    """The sub-layer output after ``setup`` at this site (the stream x not added); a block none
+    of whose adapters the site has (``leave_out``) leaves it as it is."""
+    if not _present(owner, [setup] if isinstance(setup, str) else setup.names()):
+        return f
     placement = _placement(owner, setup)
     if isinstance(setup, (str, Stack)):
         f, step = site(owner, setup, f, x, norm)
