@@ -149,7 +149,11 @@ def _pfeiffer_hook(module, args, output):  # on the LayerNorm applied to t = h +
     if isinstance(names, tuple):
         y = _Routed(owner, names, output)(output, args[0])
     elif isinstance(names, Block):  # h and r as the FFN's hook kept them: AdapterHub's Average scales h alone
-        r, h = owner.__dict__.pop(_SPLIT)
+        split = owner.__dict__.pop(_SPLIT, None)
+        if split is None:
+            raise RuntimeError(f"{type(module).__name__} ran without its feed-forward module's output: a pfeiffer "
+                               "composition in DistilBERT needs the FFN to run before its output LayerNorm")  # fmt: skip
+        r, h = split
         y = r + compose.apply(owner, names, h, r, _layer_norm(module))
     else:
         y = owner.adapters[names](output, residual=args[0])
