@@ -411,3 +411,16 @@ def test_a_block_whose_adapters_a_layer_leaves_out_leaves_that_layer_alone():
         fa.add_adapters(model, fa.AdapterConfig(placement="pfeiffer", bottleneck_size=4, leave_out=[0, 1]), "b")
         fa.set_active_adapter(model, Stack("a", Average("b", "b")))  # no layer has b: a alone
         assert rel_err(_output(model, IDS), only_a) <= 1e-6
+
+
+@pytest.mark.parametrize("key", ["stack_then_fuse", "batchsplit_mixed"])
+def test_a_compiled_model_runs_a_composition_without_a_graph_break(key):
+    setup = SETUPS[key]
+    model = _model("llama", "pfeiffer")
+    _fusions(model, setup)
+    fa.set_active_adapter(model, setup)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _output(model, IDS)
+        got = _output(torch.compile(model, fullgraph=True), IDS)
+    assert rel_err(got, want) <= 1e-5
