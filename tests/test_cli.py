@@ -232,6 +232,8 @@ def test_decoder_train_and_generate_route_tasks_in_one_batch(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "lm" and run["model"] == "smollm2" and run["tasks"] == ["bbc", "sentiment"]
     assert metrics["steps"] == 2 and set(metrics["single"]) == {"bbc", "sentiment"}
+    # each task alone on the examples it saw mixed: its share of the batch, the same steps
+    assert {t: (r["batch_size"], r["steps"]) for t, r in metrics["single"].items()} == {"bbc": (2, 2), "sentiment": (2, 2)}
     assert metrics["eval_after"]["sentiment"]["examples"] == 2  # 20% of 3 x 4 tweets
     for t in ("bbc", "sentiment"):
         assert 0 <= metrics["eval_after"][t]["accuracy"] <= metrics["eval_after"][t]["choice_accuracy"] <= 1
@@ -242,7 +244,7 @@ def test_decoder_train_and_generate_route_tasks_in_one_batch(tmp_path, capsys):
     ]
     assert _is_png(out / "curve.png")
     printed = capsys.readouterr().out
-    assert "held-out accuracy" in printed and "alone for the same steps" in printed
+    assert "held-out accuracy" in printed and "alone on the same examples" in printed
 
     items = [("sentiment", "what a lovely day"), ("bbc", "Shares fell as the central bank raised interest rates again"),
              ("bbc", "The film won three awards"), ("sentiment", "worst flight ever, lost my bag")]  # fmt: skip

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", default=None,
                    help="several tasks on one frozen model, e.g. bbc,sentiment: an adapter (and on BERT a head) per task, "
                         "batches that mix them (default --max-steps 150); each task is also trained alone "
-                        "for the same steps, for comparison")  # fmt: skip
+                        "for the same steps, for comparison (decoders: with its share of every batch)")  # fmt: skip
     t.add_argument("--no-single", action="store_true", help="with --tasks: skip the single-task comparison runs")
     t.add_argument("--fuse", default=None,
                    help="BERT: tasks whose adapters to fuse (AdapterFusion), e.g. bbc,sentiment: trains each task's adapter, "

@@ -79,14 +79,18 @@ def read_run(directory: str, kind: str) -> dict:
     return run
 
 
+def shares(batch_size: int, tasks: int) -> list[int]:
+    """Each task's rows in a mixed batch: equal shares, the remainder to the first tasks."""
+    return [batch_size // tasks + (1 if i < batch_size % tasks else 0) for i in range(tasks)]
+
+
 def mixed_batches(datasets: list[dict], batch_size: int, rng: random.Random):
     """Endless batches with an equal share of each task (the remainder to the first ones),
     each task's training rows in a fresh random order every epoch of that task."""
     orders = [[] for _ in datasets]
-    shares = [batch_size // len(datasets) + (1 if i < batch_size % len(datasets) else 0) for i in range(len(datasets))]
     while True:
         rows = []
-        for t, (data, share) in enumerate(zip(datasets, shares)):
+        for t, (data, share) in enumerate(zip(datasets, shares(batch_size, len(datasets)))):
             for _ in range(share):
                 if not orders[t]:
                     orders[t] = list(data["train"])

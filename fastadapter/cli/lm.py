@@ -11,12 +11,15 @@ highest among the task's labels. Only the adapters train; the model stays frozen
 
 With several tasks (``--tasks bbc,sentiment``) each task has its own adapters, batches mix
 the tasks and every row goes through its own task's adapters (:func:`fastadapter.adapter_routing`);
-each task is also trained alone for the same steps for comparison. ``generate`` serves a
+each task is also trained alone for comparison, on the same examples: its share of every
+batch, for the same steps (the adapters' initial draws still differ between the runs: compare
+over seeds). ``generate`` serves a
 run: prompts of several tasks go through their own adapters in one batched ``generate``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -25,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import BUNDLED, Progress, load_task, mixed_batches, model_path, read_run, warmup_then_linear
+from .common import BUNDLED, Progress, load_task, mixed_batches, model_path, read_run, shares, warmup_then_linear
 from .processes import Processes, parameter_mib, peak_rss_mib
 
 # task -> (text before the example, text after it)
@@ -216,8 +219,10 @@ def train(args, tasks: list[str], procs: Processes) -> dict:
     model, multi = train_tasks(datasets, args, path, pad_id, "+".join(tasks), procs)
     single = {}
     if len(tasks) > 1 and not args.no_single:
-        for d in datasets:
-            single[d["name"]] = train_tasks([d], args, path, pad_id, d["name"] + " alone", procs)[1]
+        for share, d in zip(shares(args.batch_size, len(tasks)), datasets):  # the examples it saw mixed
+            alone = copy.copy(args)
+            alone.batch_size = share
+            single[d["name"]] = train_tasks([d], alone, path, pad_id, d["name"] + " alone", procs)[1]
     for t in tasks:
         procs.save_adapters(model, os.path.join(args.output, "adapters", t), t)
     if not procs.main:
@@ -243,7 +248,7 @@ def train(args, tasks: list[str], procs: Processes) -> dict:
           f"(greedy next token is the label; best of the labels):")  # fmt: skip
     for t in tasks:
         b, a = multi["eval_before"][t], multi["eval_after"][t]
-        alone = f"; alone for the same steps {single[t]['eval_after'][t]['accuracy']:.3f}" if t in single else ""
+        alone = f"; alone on the same examples {single[t]['eval_after'][t]['accuracy']:.3f}" if t in single else ""
         print(f"  {t}: {b['accuracy']:.3f} -> {a['accuracy']:.3f} ({b['choice_accuracy']:.3f} -> {a['choice_accuracy']:.3f}) "
               f"on {a['examples']} examples{alone}")  # fmt: skip
     print(f"saved to {args.output} ({metrics['total_seconds']:.0f}s in all); curves: {curve}")
