@@ -259,24 +259,36 @@ def _load_fusion(model: nn.Module, directory: str, name: Optional[str]) -> str:
 
 def _save_fusion(model: nn.Module, directory: str, name: str) -> None:
     fused, config = fusion_configs(model)[name]
+    meta = {"adapter_names": fused, "config": config.to_dict()}  # AdapterHub's AdapterFusionConfig fields
+    weights = {_hub_key(k): v.cpu().clone() for k, v in fusion_state_dict(model, name).items()}
+    _write(model, directory, name, meta, weights, FUSION_CONFIG_FILE, FUSION_BIN_FILE)
+
+
+def _hidden(model: nn.Module) -> int:
+    model_config = getattr(model, "config", None)
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "dim", None)
+    return find_sites(model)[0].hidden_size if hidden is None else hidden
+
+
+def _write(model: nn.Module, directory: str, name: str, meta: dict, weights: dict, config_file: str, bin_file: str) -> None:
+    """An AdapterHub checkpoint directory: ``meta`` with the model's fields AdapterHub writes
+    beside it, and the weights; rank 0 writes on a sharded model."""
     model_config = getattr(model, "config", None)
     meta = {
-        "adapter_names": fused,
-        "config": config.to_dict(),  # AdapterHub's AdapterFusionConfig fields
-        "hidden_size": find_sites(model)[0].hidden_size,
+        **meta,
+        "hidden_size": _hidden(model),
         "model_class": type(model).__name__,
         "model_name": getattr(model_config, "name_or_path", "") or "",
         "model_type": getattr(model_config, "model_type", None),
         "name": name,
         "version": f"fastadapter.{__version__}",
     }
-    weights = {_hub_key(k): v.cpu().clone() for k, v in fusion_state_dict(model, name).items()}
     with writing_files(model) as writes:
         if writes:
             os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, FUSION_CONFIG_FILE), "w") as f:
+            with open(os.path.join(directory, config_file), "w") as f:
                 json.dump(meta, f, indent=2)
-            torch.save(weights, os.path.join(directory, FUSION_BIN_FILE))
+            torch.save(weights, os.path.join(directory, bin_file))
 
 
 def _hub_key(pname: str) -> str:
@@ -297,35 +309,17 @@ def save_adapterhub(model: nn.Module, directory: str, name: str) -> None:
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has: {', '.join(configs) or 'none'}")
     config = configs[name]
-    model_config = getattr(model, "config", None)
-    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "dim", None)
-    if hidden is None:
-        hidden = find_sites(model)[0].hidden_size
     conf = dict(_BN_DEFAULTS)
     conf.update(_FLAGS[config.placement])
     conf.update(
         non_linearity=_HUB_ACTIVATION[config.activation],
-        reduction_factor=_hub_reduction_factor(config, hidden),
+        reduction_factor=_hub_reduction_factor(config, _hidden(model)),
         scaling=config.scaling,
         init_weights="mam_adapter" if config.init == "mam" else config.init,
         leave_out=list(config.leave_out),
     )
-    meta = {
-        "config": conf,
-        "hidden_size": hidden,
-        "model_class": type(model).__name__,
-        "model_name": getattr(model_config, "name_or_path", "") or "",
-        "model_type": getattr(model_config, "model_type", None),
-        "name": name,
-        "version": f"fastadapter.{__version__}",
-    }
     weights = {_hub_key(k): v.cpu().clone() for k, v in adapter_state_dict(model, name).items()}  # gathered under FSDP2
-    with writing_files(model) as writes:
-        if writes:
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
-            torch.save(weights, os.path.join(directory, BIN_FILE))
+    _write(model, directory, name, {"config": conf}, weights, CONFIG_FILE, BIN_FILE)
 
 
 def _hub_reduction_factor(config: AdapterConfig, hidden: int):

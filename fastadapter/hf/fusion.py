@@ -18,7 +18,7 @@ from ..composition import Fuse, Stack
 from ..modules import AdapterFusion
 from .config import FusionConfig
 from .distributed import full, is_sharded
-from .model import _CONFIGS, _FUSIONS, Block, active_adapter, find_sites, set_active_adapter
+from .model import _CONFIGS, _FUSIONS, Block, active_adapter, find_sites, mark_trainable, set_active_adapter
 
 LAYERS = "adapter_fusion_layer"
 
@@ -124,16 +124,9 @@ def fusion_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str,
 def mark_only_fusion_trainable(model: nn.Module, train_head: bool = True) -> dict[str, int]:
     """Freeze everything but the fusion layers (and, if asked, the task head): AdapterFusion's
     second stage, which trains the fusion over adapters trained before. Returns parameter counts."""
-    base = getattr(model, "base_model", model)
-    base_ids = {id(p) for p in base.parameters()} if base is not model else None
-    trainable = total = 0
-    for pname, p in model.named_parameters():
-        in_head = base_ids is not None and id(p) not in base_ids
-        p.requires_grad_(f".{LAYERS}." in f".{pname}" or (train_head and in_head))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    fusion = sum(p.numel() for n, p in model.named_parameters() if f".{LAYERS}." in f".{n}")
-    return {"trainable": trainable, "fusion": fusion, "total": total}
+    counts = mark_trainable(model, (f".{LAYERS}.",), train_head)
+    counts["fusion"] = sum(p.numel() for n, p in model.named_parameters() if f".{LAYERS}." in f".{n}")
+    return counts
 
 
 def fusion_regularization(model: nn.Module) -> torch.Tensor:

@@ -377,13 +377,13 @@ def _replicate_for(model: nn.Module, copies: int) -> None:
     if handle is not None:
         handle.remove()
     if copies > 1:
-        model.__dict__["_fastadapter_copies_wanted"] = copies
+        model.__dict__["_fastadapter_copies_wanted"] = (copies, [site.owner for site in find_sites(model)])
         model.__dict__["_fastadapter_replicate"] = model.register_forward_pre_hook(_replicate, with_kwargs=True)
 
 
 def _replicate(model: nn.Module, args, kwargs):
     """Every tensor argument with the batch's leading size, repeated once per Parallel child."""
-    copies = model.__dict__["_fastadapter_copies_wanted"]
+    copies, owners = model.__dict__["_fastadapter_copies_wanted"]
     lead = kwargs.get("input_ids", args[0] if args else None)
     lead = kwargs.get("inputs_embeds") if lead is None else lead
     if not isinstance(lead, torch.Tensor):
@@ -398,8 +398,8 @@ def _replicate(model: nn.Module, args, kwargs):
             return t.repeat(copies, *([1] * (t.dim() - 1)))
         return t
 
-    for site in find_sites(model):
-        site.owner.__dict__[compose.COPIES] = batch
+    for owner in owners:
+        owner.__dict__[compose.COPIES] = batch
     return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
 
@@ -464,18 +464,23 @@ def mark_only_adapters_trainable(model: nn.Module, train_head: bool = True) -> d
     The head is every parameter outside ``model.base_model`` (Hugging Face's split of a
     task model into base model and head). Returns parameter counts.
     """
+    counts = mark_trainable(model, (".adapters.", ".adapter_fusion_layer."), train_head)
+    counts["adapters"] = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in f".{n}")
+    return counts
+
+
+def mark_trainable(model: nn.Module, parts: tuple[str, ...], train_head: bool) -> dict[str, int]:
+    """Only the parameters whose names hold one of ``parts`` (and, if asked, the head: every
+    parameter outside ``model.base_model``) train. Returns the trainable and total counts."""
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()} if base is not model else None
-    trainable = 0
-    total = 0
+    trainable = total = 0
     for pname, p in model.named_parameters():
-        in_adapter = ".adapters." in f".{pname}" or ".adapter_fusion_layer." in f".{pname}"
         in_head = base_ids is not None and id(p) not in base_ids
-        p.requires_grad_(in_adapter or (train_head and in_head))
+        p.requires_grad_(any(part in f".{pname}" for part in parts) or (train_head and in_head))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    adapters = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in f".{n}")
-    return {"trainable": trainable, "adapters": adapters, "total": total}
+    return {"trainable": trainable, "total": total}
 
 
 def adapter_state_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, torch.Tensor]:
