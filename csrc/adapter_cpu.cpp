@@ -6,13 +6,13 @@
 // or N x d output run in the register-tiled kernels of cpu_residual_gemm.h with their
 // epilogues (MKL is slow at N x 64 outputs), the N x r element-wise work in the passes
 // of cpu_activation.h, and the two weight-gradient reductions over N in the kernel of
-// cpu_weight_grad.h on AVX2 CPUs (MKL where AVX-512 runs):
+// cpu_weight_grad.h:
 //   forward:  z = x W_d^T + b_d; a = act(z);
 //             y = R + s * (a W_u^T + b_u) in one pass over y.
 //   backward: da = dy W_u; one pass for a and dz = s * da * act'(z);
 //             db_d = sum(dz); dW_u = s * dy^T a; db_u = s * sum(dy); dW_d = dz^T x
 //             (the bias sums by ATen, as the reference backend forms them; the weight
-//             gradients by the kernel of cpu_weight_grad.h on AVX2 CPUs, else MKL);
+//             gradients by the kernel of cpu_weight_grad.h, else MKL);
 //             dx = dy + dz W_d in one pass over dx.
 // Elsewhere (neither kernel, float64) the same steps run as ATen ops, y and dx formed by
 // writing R (or dy) first and letting the GEMM accumulate into it.

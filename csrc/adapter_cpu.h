@@ -58,8 +58,8 @@ std::vector<at::Tensor> adapter_backward_from_dz_cpu(at::Tensor dz, at::Tensor a
                                                      double scaling, bool residual_is_x, std::vector<bool> needs);
 
 // out = s * a^T b ([m, d], a [N, m] and b [N, d] fp32), or its transpose, by the kernel of
-// cpu_weight_grad.h: false where it cannot run here (not fp32, neither AVX2 nor m, d >= 8,
-// AVX-512 on), and out is left alone for the caller's ATen GEMM.
+// cpu_weight_grad.h: false where it cannot run here (not fp32, neither AVX-512 nor AVX2 on,
+// m or d below 8), and out is left alone for the caller's ATen GEMM.
 bool weight_grad_out(at::Tensor& out, at::Tensor a, at::Tensor b, double s, bool transposed);
 
 // Operands for the kernels of cpu_residual_gemm.h, shared by the cpp ops: t itself where

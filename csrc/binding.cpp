@@ -43,7 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     at::Tensor out;
     if (!fastadapter::weight_grad_out(out, a, b, s, transposed)) return c10::nullopt;
     return out;
-  }, "s * a^T b (or its transpose) by the AVX2 weight-gradient kernel; None where it does not run (a kernel test hook)");
+  }, "s * a^T b (or its transpose) by the weight-gradient kernel (AVX-512 or AVX2); None where it does not run (a kernel test hook)");
   m.def("activation_names", []() {
     std::vector<std::string> names(std::begin(fastadapter::kActivationNames), std::end(fastadapter::kActivationNames));
     return names;

@@ -1,10 +1,11 @@
-// out = s * A^T B (or its transpose) with AVX2 and FMA (see cpu_weight_grad.h).
+// out = s * A^T B (or its transpose) with AVX-512, or AVX2 and FMA (see cpu_weight_grad.h).
 //
-// Threads split the columns of B into blocks of 16 and walk all N rows in blocks of kKc.
-// Per block a thread packs A's rows as panels of 6 columns ([kKc][6] each, zero past m),
-// and each of its column blocks of B as a [kKc][16] panel; the 6 x 16 micro-kernel runs
-// every panel of A over each panel of B (12 accumulators, 2 loads of B and 6 broadcasts
-// of A per row) and adds its sums to the thread's [m][16] tile of the result.
+// Threads split the columns of B into blocks of NR (64 with AVX-512, 16 with AVX2) and
+// walk all N rows in blocks of kKc. Per block a thread packs A's rows as panels of 6
+// columns ([kKc][6] each, zero past m), and each of its column blocks of B as a [kKc][NR]
+// panel; the 6 x NR micro-kernel runs every panel of A over each panel of B (24 zmm
+// accumulators, 4 loads of B and 6 broadcasts of A per row; with AVX2 12 ymm, 2 loads and
+// 6 broadcasts) and adds its sums to the thread's [m][NR] tile of the result.
 //
 // B's rows are d floats apart: a panel's rows fall in a few L1 sets, and the hardware
 // prefetchers do not follow a stride of several KiB across pages. So the next block's
@@ -28,6 +29,7 @@
 #define FASTADAPTER_HAVE_AVX2_WGRAD 1
 #include <immintrin.h>
 #define FA_AVX2 __attribute__((target("avx2,fma")))
+#define FA_AVX512 __attribute__((target("avx512f")))
 #else
 #define FASTADAPTER_HAVE_AVX2_WGRAD 0
 #endif
@@ -38,8 +40,11 @@ namespace {
 #if FASTADAPTER_HAVE_AVX2_WGRAD
 
 constexpr int64_t kMR = 6;   // columns of A per panel (rows of the result per micro-tile)
-constexpr int64_t kNR = 16;  // columns of B per panel
-constexpr int64_t kKc = 64;  // rows per block: 4 KiB per panel of B, 1.5 KiB per panel of A
+constexpr int64_t kKc = 64;  // rows per block: 16 KiB (AVX-512) or 4 KiB per panel of B, 1.5 KiB per panel of A
+
+// a micro-kernel: C[6][NR] += Ap^T Bp over kb rows, copying a share of the next panel
+using Micro = void (*)(const float* Ap, const float* Bp, int64_t kb, float* C, const float* const* next, int64_t j,
+                       int64_t kn, float* next_panel, bool prefetch);
 
 
 // C[6][16] += sum over the kb rows of Ap[p][i] * Bp[p][j]. With next (not null), the loop
@@ -49,6 +54,7 @@ constexpr int64_t kKc = 64;  // rows per block: 4 KiB per panel of B, 1.5 KiB pe
 FA_AVX2 __attribute__((noinline)) void micro_6x16(const float* Ap, const float* Bp, int64_t kb, float* C,
                                                     const float* const* next, int64_t j, int64_t kn, float* next_panel,
                                                     bool prefetch) {
+  constexpr int64_t kNR = 16;
 #define FA_ROW(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;
   FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
 #undef FA_ROW
@@ -84,6 +90,52 @@ FA_AVX2 __attribute__((noinline)) void micro_6x16(const float* Ap, const float* 
 #undef FA_ADD
 }
 
+// The same with AVX-512 over 64 columns of B: 24 zmm accumulators, 4 loads of B and 6
+// broadcasts of A per row; the copy moves 64 floats of a row of the next block, and the
+// prefetch the following column block's 4 lines of that row.
+FA_AVX512 __attribute__((noinline)) void micro_6x64(const float* Ap, const float* Bp, int64_t kb, float* C,
+                                                      const float* const* next, int64_t j, int64_t kn,
+                                                      float* next_panel, bool prefetch) {
+  constexpr int64_t kNR = 64;
+#define FA_ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+  FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
+#undef FA_ROW
+#define FA_FMA(i)                                  \
+  {                                                \
+    const __m512 av = _mm512_set1_ps(a[i]);        \
+    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);    \
+    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);    \
+    c##i##2 = _mm512_fmadd_ps(av, b2, c##i##2);    \
+    c##i##3 = _mm512_fmadd_ps(av, b3, c##i##3);    \
+  }
+#define FA_STEP                                                                                   \
+  {                                                                                               \
+    const float* bp = Bp + p * kNR;                                                               \
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);                           \
+    const __m512 b2 = _mm512_load_ps(bp + 32), b3 = _mm512_load_ps(bp + 48);                      \
+    const float* a = Ap + p * kMR;                                                                \
+    FA_FMA(0) FA_FMA(1) FA_FMA(2) FA_FMA(3) FA_FMA(4) FA_FMA(5)                                   \
+  }
+  int64_t p = 0;
+  if (next) {
+    for (; p < kn; ++p) {
+      const float* src = next[p] + j;
+      if (prefetch)
+        for (int64_t v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(src + kNR + 16 * v), _MM_HINT_T0);
+      for (int64_t v = 0; v < 4; ++v) _mm512_store_ps(next_panel + p * kNR + 16 * v, _mm512_loadu_ps(src + 16 * v));
+      FA_STEP
+    }
+  }
+  for (; p < kb; ++p) FA_STEP
+#undef FA_STEP
+#undef FA_FMA
+#define FA_ADD1(i, v) _mm512_store_ps(C + i * kNR + 16 * v, _mm512_add_ps(_mm512_load_ps(C + i * kNR + 16 * v), c##i##v));
+#define FA_ADD(i) FA_ADD1(i, 0) FA_ADD1(i, 1) FA_ADD1(i, 2) FA_ADD1(i, 3)
+  FA_ADD(0) FA_ADD(1) FA_ADD(2) FA_ADD(3) FA_ADD(4) FA_ADD(5)
+#undef FA_ADD
+#undef FA_ADD1
+}
+
 // rows [n0, n0 + kb) of A into panels of 6 columns, zero past m: one 8-float load and
 // store per row and panel, panel by panel, the 2 floats past a panel's 6 overwritten by
 // the next row (or the next panel's first; the buffer has room past the last)
@@ -102,18 +154,21 @@ FA_AVX2 void pack_a(const WeightGrad& g, int64_t n0, int64_t kb, int64_t panels,
   }
 }
 
-// the panel of column block jb of rows[0, kb) of B (row pointers), columns past d zero
+// the panel of column block jb of rows[0, kb) of B (row pointers), NR columns, zero past d
+template <int64_t NR>
 FA_AVX2 void pack_b(const WeightGrad& g, const float* const* rows, int64_t kb, int64_t jb, float* panel) {
-  const int64_t j = jb * kNR, cols = std::min(kNR, g.d - j);
-  const __m256i m0 = lanes8(cols), m1 = lanes8(cols - 8);
-  for (int64_t p = 0; p < kb; ++p) {
-    _mm256_store_ps(panel + p * kNR, _mm256_maskload_ps(rows[p] + j, m0));
-    _mm256_store_ps(panel + p * kNR + 8, _mm256_maskload_ps(rows[p] + j + 8, m1));
+  const int64_t j = jb * NR, cols = std::min(NR, g.d - j);
+  for (int64_t v = 0; v < NR; v += 8) {
+    const __m256i m = lanes8(cols - v);
+    for (int64_t p = 0; p < kb; ++p) _mm256_store_ps(panel + p * NR + v, _mm256_maskload_ps(rows[p] + j + v, m));
   }
 }
 
-// One thread's share: the column blocks [jb0, jb1), all N rows in blocks of kKc.
+// One thread's share: the column blocks [jb0, jb1) of NR columns, all N rows in blocks of
+// kKc, by the micro-kernel for NR.
+template <int64_t NR, Micro micro>
 FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
+  constexpr int64_t kNR = NR;
   const int64_t panels = (g.m + kMR - 1) / kMR, m_pad = panels * kMR, blocks = jb1 - jb0;
   const int64_t panel = kKc * kNR;  // floats per panel of B
   thread_local std::vector<float> buf;
@@ -122,10 +177,10 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
   // so that the copy's stores into one half do not alias the loads from the other
   const int64_t half_size = blocks * panel + 512;
   const int64_t a_size = panels * kKc * kMR + 8, b_size = 2 * half_size, c_size = blocks * m_pad * kNR;
-  if (buf.size() < static_cast<size_t>(a_size + b_size + c_size + 8)) buf.resize(a_size + b_size + c_size + 8);
+  if (buf.size() < static_cast<size_t>(a_size + b_size + c_size + 16)) buf.resize(a_size + b_size + c_size + 16);
   if (rows.size() < static_cast<size_t>(2 * kKc)) rows.resize(2 * kKc);
-  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t{31});
-  float *C = base, *Bp = C + c_size, *Ap = Bp + b_size;  // 32-byte aligned: c_size and b_size are multiples of 8
+  float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  float *C = base, *Bp = C + c_size, *Ap = Bp + b_size;  // 64-byte aligned: c_size and b_size are multiples of 16
   std::fill(C, C + c_size, 0.0f);
   const float** cur = rows.data();
   const float** nxt = rows.data() + kKc;
@@ -135,7 +190,7 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
   // block 0's panels of B first; every later block's are copied while the one before runs
   const int64_t kb0 = std::min(kKc, g.n);
   row_ptrs(cur, 0, kb0);
-  for (int64_t jb = jb0; jb < jb1; ++jb) pack_b(g, cur, kb0, jb, Bp + (jb - jb0) * panel);
+  for (int64_t jb = jb0; jb < jb1; ++jb) pack_b<NR>(g, cur, kb0, jb, Bp + (jb - jb0) * panel);
   int64_t half = 0;  // which half of Bp holds this block's panels
   for (int64_t n0 = 0; n0 < g.n; n0 += kKc) {
     const int64_t kb = std::min(kKc, g.n - n0), kn = std::min(kKc, g.n - n0 - kb);
@@ -156,10 +211,10 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
       // few copies in each micro-kernel call, not all of them in the first
       for (int64_t q = 0; q < panels; ++q) {
         const int64_t c0 = q * kn / panels, c1 = (q + 1) * kn / panels;
-        micro_6x16(Ap + q * kKc * kMR, Bj, kb, Cj + q * kMR * kNR, full ? nxt + c0 : nullptr, jb * kNR, c1 - c0,
-                   later + jl * panel + c0 * kNR, jb + 1 < jb1);
+        micro(Ap + q * kKc * kMR, Bj, kb, Cj + q * kMR * kNR, full ? nxt + c0 : nullptr, jb * kNR, c1 - c0,
+              later + jl * panel + c0 * kNR, jb + 1 < jb1);
       }
-      if (!full && kn) pack_b(g, nxt, kn, jb, later + jl * panel);
+      if (!full && kn) pack_b<NR>(g, nxt, kn, jb, later + jl * panel);
     }
     half = 1 - half;
     std::swap(cur, nxt);
@@ -181,17 +236,20 @@ FA_AVX2 void run_columns(const WeightGrad& g, int64_t jb0, int64_t jb1) {
 }  // namespace
 
 bool weight_grad(const WeightGrad& g) {
-  if (g.m < kResidualGemmMin || g.d < kResidualGemmMin || !avx2_kernels_available() || avx512_kernels_available())
-    return false;
+  const bool wide = avx512_kernels_available();
+  if (g.m < kResidualGemmMin || g.d < kResidualGemmMin || !(wide || avx2_kernels_available())) return false;
 #if FASTADAPTER_HAVE_AVX2_WGRAD
-  const int64_t blocks = (g.d + kNR - 1) / kNR;
+  const int64_t nr = wide ? 64 : 16, blocks = (g.d + nr - 1) / nr;
   if (g.n == 0) {
     std::fill(g.out, g.out + g.m * g.d, 0.0f);
     return true;
   }
   // at least ~1 MFLOP per thread: small products stay on one
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, g.n * g.m * kNR));
-  at::parallel_for(0, blocks, grain, [&](int64_t jb0, int64_t jb1) { run_columns(g, jb0, jb1); });
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, g.n * g.m * nr));
+  at::parallel_for(0, blocks, grain, [&](int64_t jb0, int64_t jb1) {
+    if (wide) run_columns<64, micro_6x64>(g, jb0, jb1);
+    else run_columns<16, micro_6x16>(g, jb0, jb1);
+  });
   return true;
 #else
   return false;

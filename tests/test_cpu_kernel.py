@@ -85,7 +85,8 @@ def test_half_x_without_bias(path, dtype):
 
 def test_same_bits_on_one_thread_and_on_all(path):
     """y and dx (the products with d outputs per row) do not depend on the thread count; on
-    the avx2 path the weight gradients neither (cpu_weight_grad.cpp splits columns, not N).
+    the avx512 and avx2 paths the weight gradients neither (cpu_weight_grad.cpp splits
+    columns, not N).
     MKL's weight-gradient GEMMs split the sum over N by thread, so elsewhere those are
     reproducible for a given thread count only (tests/test_adapter.py)."""
     import fastadapter as fa
@@ -94,7 +95,7 @@ def test_same_bits_on_one_thread_and_on_all(path):
     params = (w_down, b_down, w_up, b_up)
     for t in (x, w_down, w_up):
         t.requires_grad_()
-    wrt = [x] + ([w_down, w_up] if path == "avx2" else [])
+    wrt = [x] + ([w_down, w_up] if path != "aten" else [])
 
     def run():
         y = fa.fused_adapter(x, *params, activation="gelu", backend="cpp")
@@ -167,10 +168,11 @@ def test_bias_gradients_are_the_reference_sums(path):
 
 
 # The weight-gradient kernel (csrc/cpu_weight_grad.cpp) alone: N around its 64-row blocks,
-# m around the 6-column panels of A (and its floor of 8), d around B's 16-column panels
-# and the 8-float vectors; several column blocks per thread and several threads.
+# m around the 6-column panels of A (and its floor of 8), d around B's 64- (AVX-512) and
+# 16-column (AVX2) panels and the 8-float vectors; several column blocks per thread and
+# several threads.
 WEIGHT_GRAD_SHAPES = [(0, 8, 8), (1, 8, 33), (63, 9, 16), (64, 64, 17), (65, 13, 100), (129, 64, 7 * 16 + 5),
-                      (200, 17, 384), (3000, 64, 768)]  # fmt: skip
+                      (70, 30, 64), (130, 250, 129), (200, 17, 384), (3000, 64, 768)]  # fmt: skip
 
 
 @pytest.mark.parametrize("n,m,d", WEIGHT_GRAD_SHAPES, ids=lambda v: str(v))
@@ -181,8 +183,8 @@ def test_weight_grad_kernel_matches_float64(path, module, n, m, d, transposed):
     a = torch.randn(n, m + 3, generator=g)[:, :m]
     b = torch.randn(n, d + 5, generator=g)[:, :d]
     got = module.weight_grad_cpu(a, b, 0.75, transposed)
-    if path != "avx2" or m < 8 or d < 8:
-        assert got is None  # AVX-512 (MKL's) or ATen: the caller's GEMM
+    if path == "aten" or m < 8 or d < 8:
+        assert got is None  # the caller's GEMM (ATen)
         return
     want = 0.75 * a.double().t() @ b.double()
     want = want.t() if transposed else want
@@ -210,16 +212,32 @@ def test_weight_grad_kernel_same_bits_on_one_thread_and_on_all(path, module):
         one = module.weight_grad_cpu(a, b, 1.0, True)
     finally:
         torch.set_num_threads(threads)
-    if path != "avx2":
+    if path == "aten":
         assert many is None and one is None
         return
     assert torch.equal(many, one)
 
 
+def test_weight_grad_kernel_same_bits_with_avx512_and_avx2(module):
+    """Both widths sum each output in the same order (one running sum per 64-row block, then
+    the blocks in order): the gradients do not depend on which kernel this CPU runs."""
+    if not all(module.avx512_kernels()):
+        pytest.skip("this CPU has no AVX-512")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1000, 37, generator=g), torch.randn(1000, 200, generator=g)
+    wide = module.weight_grad_cpu(a, b, 0.5, False)
+    previous = module.set_avx512_kernels_enabled(False)
+    try:
+        narrow = module.weight_grad_cpu(a, b, 0.5, False)
+    finally:
+        module.set_avx512_kernels_enabled(previous)
+    assert torch.equal(wide, narrow)
+
+
 def test_weight_grad_kernel_nan_stays_in_its_column(path, module):
     """A NaN in row p, column j of B reaches column j of the result only."""
-    if path != "avx2":
-        pytest.skip("the kernel runs on the avx2 path only")
+    if path == "aten":
+        pytest.skip("the kernel runs on the avx512 and avx2 paths")
     a, b = torch.randn(300, 16), torch.randn(300, 40)
     b[123, 17] = float("nan")
     got = module.weight_grad_cpu(a, b, 1.0, False)
