@@ -1,8 +1,10 @@
 // The adapter site on the CPU, fp32 (see adapter_layernorm_cpu.h):
 //   forward:  z = u W_d^T + b_d; a = act(z);
-//             v = h + r + s * (a W_u^T + b_u) by the AVX2 kernel with both residuals in
-//             its epilogue (t + s * (...) for pfeiffer), and as each micro-row of 6 rows
-//             of v is final, still in L1, its LayerNorm: the row statistics and out.
+//             v = h + r + s * (a W_u^T + b_u) by the row kernel of cpu_residual_gemm.h
+//             (AVX-512 products where they run, else AVX2; the row hooks here are AVX2)
+//             with both residuals in its epilogue (t + s * (...) for pfeiffer), and as
+//             each micro-row of 6 rows of v is final, still in L1, its LayerNorm: the
+//             row statistics and out.
 //             The three steps run tile by tile (24 rows: residual_gemm_chain), so the
 //             epilogue reads u's rows (h for houlsby) from cache, not memory: one read of
 //             h and r from memory; v and out written once each.

@@ -1,7 +1,7 @@
 // The decoder site on the CPU, fp32 (see adapter_rmsnorm_cpu.h):
 //   forward:  z = u W_d^T + b_d; a = act(z);
-//             y = h + r + s * (a W_u^T + b_u) by the AVX2 kernel with both residuals in its
-//             epilogue (t + s * (...) for pfeiffer, t = h + r), and as each micro-row of y
+//             y = h + r + s * (a W_u^T + b_u) by the row kernel of cpu_residual_gemm.h (AVX-512
+//             products where they run, else AVX2) with both residuals in its epilogue (t + s * (...) for pfeiffer, t = h + r), and as each micro-row of y
 //             is final, still in L1, its RMSNorm: rstd and y_normed. The steps run tile by
 //             tile (site_forward_products): h and r read once, y and y_normed written once.
 //   backward: dv = dy + RMSNorm'(dn) formed tile by tile in the prologue of the da = dv W_up

@@ -12,13 +12,18 @@
 //
 // AVX2 (with FMA): the same micro-tiles at half the vector width, 6 x 16 (12 ymm
 // accumulators, 2 loads of B and 6 broadcasts of A per step of p), B packed in column
-// blocks of 16. It also runs the products whose rows are gathered or scattered through
-// row maps (the mixed-adapter op), and those with a row hook or prologue (the site op).
-// Its order is the micro-row's: 6 rows sweep all of d before the next 6 (for k <= kKc in
-// one call), so that R and out stream along 6 rows at a time and A's 6 rows stay in L1
-// (B's blocks come from L2); the 24-row order of the AVX-512 kernel ran about 30% slower
-// here on a Zen 3. For k > kKc the k-blocks of each 6 x 16 micro-tile are summed in
-// registers and added in order in a 6 x 16 buffer, the same sums as the AVX-512 kernel's.
+// blocks of 16. Its order is the micro-row's: 6 rows sweep all of d before the next 6 (for
+// k <= kKc in one call), so that R and out stream along 6 rows at a time and A's 6 rows
+// stay in L1 (B's blocks come from L2); the 24-row order of the AVX-512 kernel ran about
+// 30% slower here on a Zen 3. For k > kKc the k-blocks of each 6 x 16 micro-tile are
+// summed in registers and added in order in a 6 x 16 buffer, the same sums as the AVX-512
+// kernel's.
+//
+// Products whose rows are gathered or scattered through row maps (the mixed-adapter op),
+// with a second residual, or with a row hook or prologue (the site ops) run through row
+// pointers in the AVX2 kernel's order: at the AVX-512 width (wide_rows, 6 x 64) where
+// AVX-512 is on, else in the AVX2 kernel; either only where AVX2 is on, since their callers'
+// hooks are AVX2 code. Every path forms each output from the same sums in the same order.
 //
 // Each is compiled by function attribute and chosen at run time, so a build without
 // -march=native still has both and a CPU never runs instructions it lacks.
@@ -36,6 +41,7 @@
 #define FASTADAPTER_HAVE_AVX512_KERNEL 1
 #include <immintrin.h>
 #define FA_AVX512 __attribute__((target("avx512f"), noinline))
+#define FA_AVX512_INLINE __attribute__((target("avx512f")))
 #define FA_AVX2 __attribute__((target("avx2,fma"), noinline))
 #define FA_AVX2_INLINE __attribute__((target("avx2,fma")))
 #else
@@ -58,6 +64,7 @@ std::atomic<bool> g_avx2_enabled{true};  // the AVX2 kernel
 constexpr int64_t kMR = 6;         // rows per micro-tile
 constexpr int64_t kNR = 64;        // columns per micro-tile and per packed block of B
 constexpr int64_t kTileRows = 24;  // rows per parallel task
+static_assert(kTileRows == kResidualGemmTileRows, "the row prologue's ranges are the tiles of either kernel");
 constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 64 floats of B: 32 KiB, in L1)
 
 bool cpu_has_avx512() {
@@ -203,6 +210,202 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
                   g.ldo);
   }
 }
+
+// ------------------------------------------------------------ AVX-512 through row pointers
+//
+// Products with row maps, a second residual, or a row hook or prologue (the mixed-adapter
+// and site ops) at the AVX-512 width: the AVX2 kernel's order below (each micro-row sweeps
+// all of d for k <= kKc; for longer k, per micro-row and column block, each k-block summed
+// in registers and the blocks added in order), with 6 x 64 micro-tiles.
+
+namespace wide_rows {
+
+// The row pointers of one micro-tile: A's rows (at column 0), R's, R2's and out's (at the
+// column block's first column, or column 0 for a sweep); r[i], r2[i] null: none.
+struct Rows {
+  const float* a[kMR];
+  const float* r[kMR];
+  const float* r2[kMR];
+  float* o[kMR];
+};
+
+// R + R2 (either may be null) for the 16 columns at r and r2, only the lanes of m
+FA_AVX512_INLINE inline __m512 residual(const float* r, const float* r2, __mmask16 m) {
+  const __m512 a = r ? _mm512_maskz_loadu_ps(m, r) : _mm512_setzero_ps();
+  return r2 ? _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, r2)) : a;
+}
+
+// the same for 16 whole columns: plain loads
+FA_AVX512_INLINE inline __m512 residual(const float* r, const float* r2) {
+  const __m512 a = r ? _mm512_loadu_ps(r) : _mm512_setzero_ps();
+  return r2 ? _mm512_add_ps(a, _mm512_loadu_ps(r2)) : a;
+}
+
+#define FA_ZERO_6X64(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define FA_FMA_6X64(i)                             \
+  {                                                \
+    const __m512 av = _mm512_set1_ps(a##i[p]);     \
+    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);    \
+    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);    \
+    c##i##2 = _mm512_fmadd_ps(av, b2, c##i##2);    \
+    c##i##3 = _mm512_fmadd_ps(av, b3, c##i##3);    \
+  }
+#define FA_STEPS_6X64(B, p0, p1)                                                          \
+  for (int64_t p = (p0); p < (p1); ++p) {                                                 \
+    const float* bp = (B) + p * kNR;                                                      \
+    const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);                 \
+    const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);           \
+    FA_FMA_6X64(0) FA_FMA_6X64(1) FA_FMA_6X64(2) FA_FMA_6X64(3) FA_FMA_6X64(4) FA_FMA_6X64(5) \
+  }
+
+// A full micro-row: the 6 x 64 micro-tile over each column block [j, j + 64) of [0, d) in
+// turn (d a multiple of 64), m's row pointers at column 0.
+FA_AVX512 void micro_6x64_sweep(const Rows& m, const float* B, int64_t k, int64_t d, const float* c, float s) {
+  const float *a0 = m.a[0], *a1 = m.a[1], *a2 = m.a[2], *a3 = m.a[3], *a4 = m.a[4], *a5 = m.a[5];
+  const __m512 vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += kNR) {
+    const float* Bj = B + j * k;  // column block j / 64 of the packed B
+    FA_ZERO_6X64(0) FA_ZERO_6X64(1) FA_ZERO_6X64(2) FA_ZERO_6X64(3) FA_ZERO_6X64(4) FA_ZERO_6X64(5)
+    FA_STEPS_6X64(Bj, 0, k)
+#define FA_OUT1(i, v)                                                                                             \
+  {                                                                                                               \
+    const __m512 e = c ? _mm512_loadu_ps(c + j + 16 * v) : zero;                                                  \
+    const float *rr = m.r[i], *rr2 = m.r2[i];                                                                     \
+    _mm512_storeu_ps(m.o[i] + j + 16 * v,                                                                         \
+                     _mm512_fmadd_ps(vs, _mm512_add_ps(c##i##v, e),                                               \
+                                     residual(rr ? rr + j + 16 * v : nullptr, rr2 ? rr2 + j + 16 * v : nullptr))); \
+  }
+#define FA_OUT(i) FA_OUT1(i, 0) FA_OUT1(i, 1) FA_OUT1(i, 2) FA_OUT1(i, 3)
+    FA_OUT(0) FA_OUT(1) FA_OUT(2) FA_OUT(3) FA_OUT(4) FA_OUT(5)
+#undef FA_OUT
+#undef FA_OUT1
+  }
+}
+
+// Edge micro-tiles: mr < 6 rows and/or cols < 64 columns, the columns past cols masked;
+// m's row pointers at the column block's first column.
+FA_AVX512 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* B, int64_t k, const float* c, float s) {
+  const int64_t nv = (cols + 15) / 16;
+  __m512 acc[kMR][4];
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t v = 0; v < nv; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const float* bp = B + p * kNR;  // zero-padded: full loads are in bounds
+    for (int64_t i = 0; i < mr; ++i) {
+      const __m512 av = _mm512_set1_ps(m.a[i][p]);
+      for (int64_t v = 0; v < nv; ++v) acc[i][v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp + 16 * v), acc[i][v]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t lanes = std::min<int64_t>(16, cols - 16 * v);
+    const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
+    const __m512 e = c ? _mm512_maskz_loadu_ps(mask, c + 16 * v) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < mr; ++i) {
+      const __m512 rv = residual(m.r[i] ? m.r[i] + 16 * v : nullptr, m.r2[i] ? m.r2[i] + 16 * v : nullptr, mask);
+      _mm512_mask_storeu_ps(m.o[i] + 16 * v, mask, _mm512_fmadd_ps(vs, _mm512_add_ps(acc[i][v], e), rv));
+    }
+  }
+}
+
+// acc[6][64] = A's 6 rows times B (k x 64, packed) for k > kKc: each block of kKc steps
+// summed in registers, the block partials added in order in acc (in L1), the sums the
+// AVX-512 kernel's tile buffer forms.
+FA_AVX512 void micro_6x64_long(const float* const* a, const float* B, int64_t k, float* acc) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+    const int64_t p1 = std::min(k, p0 + kKc);
+    FA_ZERO_6X64(0) FA_ZERO_6X64(1) FA_ZERO_6X64(2) FA_ZERO_6X64(3) FA_ZERO_6X64(4) FA_ZERO_6X64(5)
+    FA_STEPS_6X64(B, p0, p1)
+#define FA_SET1(i, v)                                                                                  \
+  _mm512_store_ps(acc + i * kNR + 16 * v,                                                              \
+                  p0 == 0 ? c##i##v : _mm512_add_ps(_mm512_load_ps(acc + i * kNR + 16 * v), c##i##v));
+#define FA_SET(i) FA_SET1(i, 0) FA_SET1(i, 1) FA_SET1(i, 2) FA_SET1(i, 3)
+    FA_SET(0) FA_SET(1) FA_SET(2) FA_SET(3) FA_SET(4) FA_SET(5)
+#undef FA_SET
+#undef FA_SET1
+  }
+}
+
+#undef FA_STEPS_6X64
+#undef FA_FMA_6X64
+#undef FA_ZERO_6X64
+
+// out row i = R row i + R2 row i + s * (acc row i + c) over columns [j, j + cols) of the
+// rows of a tile: plain loads and stores for whole vectors, a mask for a partial last one
+FA_AVX512 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row,
+                             const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t v = 0; v < cols; v += 16) {
+    const bool whole = cols - v >= 16;
+    const __mmask16 mask = whole ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - v)) - 1u);
+    const __m512 e = c ? _mm512_maskz_loadu_ps(mask, c + j + v) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* r = r_row[i] ? r_row[i] + j + v : nullptr;
+      const float* r2 = r2_row[i] ? r2_row[i] + j + v : nullptr;
+      const __m512 t = _mm512_add_ps(_mm512_load_ps(acc + i * kNR + v), e);
+      if (whole) _mm512_storeu_ps(o_row[i] + j + v, _mm512_fmadd_ps(vs, t, residual(r, r2)));
+      else _mm512_mask_storeu_ps(o_row[i] + j + v, mask, _mm512_fmadd_ps(vs, t, residual(r, r2, mask)));
+    }
+  }
+}
+
+void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
+  if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
+  const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
+  const float* r_row[kTileRows];
+  const float* r2_row[kTileRows];
+  float* o_row[kTileRows];
+  for (int64_t i = row0; i < row1; ++i) {
+    a_row[i - row0] = g.a + mapped_row(g.a_rows, i) * g.lda;
+    r_row[i - row0] = g.r ? g.r + mapped_row(g.r_rows, i) * g.ldr : nullptr;
+    r2_row[i - row0] = g.r2 ? g.r2 + i * g.ldr2 : nullptr;
+    o_row[i - row0] = g.out + mapped_row(g.out_rows, i) * g.ldo;
+  }
+  Rows m;
+  if (g.k <= kKc) {
+    // one k-block: each micro-row sweeps all of d, the epilogue straight from the registers
+    for (int64_t i = 0; i < row1 - row0; i += kMR) {
+      const int64_t mr = std::min(kMR, row1 - row0 - i);
+      for (int64_t q = 0; q < mr; ++q) m.a[q] = a_row[i + q];
+      int64_t j = 0;
+      if (mr == kMR) {  // the full column blocks in one call; a partial one, or fewer rows, below
+        for (int64_t q = 0; q < kMR; ++q) {
+          m.r[q] = r_row[i + q];
+          m.r2[q] = r2_row[i + q];
+          m.o[q] = o_row[i + q];
+        }
+        j = g.d / kNR * kNR;
+        micro_6x64_sweep(m, packed, g.k, j, g.c, g.s);
+      }
+      for (; j < g.d; j += kNR) {
+        for (int64_t q = 0; q < mr; ++q) {
+          m.r[q] = r_row[i + q] ? r_row[i + q] + j : nullptr;
+          m.r2[q] = r2_row[i + q] ? r2_row[i + q] + j : nullptr;
+          m.o[q] = o_row[i + q] + j;
+        }
+        micro_edge(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
+      }
+      if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);  // these rows of out are final
+    }
+    return;
+  }
+  // k in blocks of kKc: per micro-row and column block, micro_6x64_long sums the blocks'
+  // partials in order, then the epilogue. A micro-row of fewer than 6 rows repeats its
+  // first row's A in the others and writes only its own.
+  alignas(64) float acc[kMR * kNR];
+  for (int64_t i = 0; i < row1 - row0; i += kMR) {
+    const int64_t mr = std::min(kMR, row1 - row0 - i);
+    for (int64_t q = 0; q < kMR; ++q) m.a[q] = a_row[i + (q < mr ? q : 0)];
+    for (int64_t j = 0; j < g.d; j += kNR) {
+      micro_6x64_long(m.a, packed + (j / kNR) * g.k * kNR, g.k, acc);
+      tile_epilogue(mr, std::min(kNR, g.d - j), acc, r_row + i, r2_row + i, o_row + i, j, g.c ? g.c + j : nullptr, g.s);
+    }
+    if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);
+  }
+}
+
+}  // namespace wide_rows
 
 // ---------------------------------------------------------------------------- AVX2
 
@@ -448,12 +651,12 @@ bool residual_gemm_available(bool row_maps) {
 }
 
 bool residual_gemm(const ResidualGemm& g) {
-  // row maps, a second residual and the row hook and prologue are the AVX2 kernel's alone
+  // row maps, a second residual and the row hook and prologue: wide_rows or AVX2
   const bool row_maps = g.a_rows || g.r_rows || g.out_rows || g.r2 || g.rows_done || g.rows_ready;
   if (g.k < kResidualGemmMin || g.d < kResidualGemmMin || !residual_gemm_available(row_maps)) return false;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;
-  const bool wide = !row_maps && avx512_kernels_available();
+  const bool wide = avx512_kernels_available();
   const int64_t tile_rows = wide ? kTileRows : avx2::kTileRows;
   const float* packed = pack_b(g, wide ? kNR : avx2::kNR);
   const int64_t tiles = (g.n + tile_rows - 1) / tile_rows;
@@ -466,7 +669,8 @@ bool residual_gemm(const ResidualGemm& g) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t row0 = t * tile_rows, row1 = std::min(g.n, (t + 1) * tile_rows);
-      if (wide) run_tile(g, packed, row0, row1);
+      if (wide && row_maps) wide_rows::run_tile(g, packed, row0, row1);
+      else if (wide) run_tile(g, packed, row0, row1);
       else avx2::run_tile(g, packed, row0, row1);
     }
   });
@@ -484,8 +688,10 @@ bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, i
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   const int64_t n = first.n;
   if (n == 0) return true;
-  const float* packed1 = pack_b(first, avx2::kNR, 0);
-  const float* packed2 = pack_b(second, avx2::kNR, 1);
+  const bool wide = avx512_kernels_available();
+  const int64_t width = wide ? kNR : avx2::kNR;
+  const float* packed1 = pack_b(first, width, 0);
+  const float* packed2 = pack_b(second, width, 1);
   const int64_t tiles = (n + avx2::kTileRows - 1) / avx2::kTileRows;
   const int64_t flops = avx2::kTileRows * (first.d * first.k + second.d * second.k);
   const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops));
@@ -494,9 +700,11 @@ bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, i
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t row0 = t * avx2::kTileRows, row1 = std::min(n, (t + 1) * avx2::kTileRows);
-      avx2::run_tile(first, packed1, row0, row1);
+      if (wide) wide_rows::run_tile(first, packed1, row0, row1);
+      else avx2::run_tile(first, packed1, row0, row1);
       if (between) between(ctx, row0, row1);
-      avx2::run_tile(second, packed2, row0, row1);
+      if (wide) wide_rows::run_tile(second, packed2, row0, row1);
+      else avx2::run_tile(second, packed2, row0, row1);
     }
   });
   return true;

@@ -18,7 +18,7 @@ namespace fastadapter {
 // residual_gemm returns false for them.
 constexpr int64_t kResidualGemmMin = 8;
 
-// Rows per tile of the AVX2 kernel: the ranges its row prologue is called with.
+// Rows per tile of either kernel: the ranges the row prologue is called with.
 constexpr int64_t kResidualGemmTileRows = 24;
 
 struct ResidualGemm {
@@ -68,15 +68,16 @@ bool set_avx512_kernels_enabled(bool enabled);
 bool set_avx2_kernels_enabled(bool enabled);
 
 // Whether residual_gemm runs here, for a product with row maps (or a second residual, or
-// a row hook or prologue) or without. Products without run on AVX-512 where it is on, else on AVX2;
-// with them on AVX2.
+// a row hook or prologue) or without. Products without run on AVX-512 where it is on, else on
+// AVX2; those with them only where AVX2 is on (their callers' row hooks are AVX2 code), at
+// the AVX-512 width where that is on too.
 bool residual_gemm_available(bool row_maps);
 
 // Computes the product and returns true, or returns false without touching out when
 // residual_gemm_available() is false for it, or k or d is below kResidualGemmMin.
 bool residual_gemm(const ResidualGemm& g);
 
-// Two products over the same n rows on the AVX2 kernel, tile by tile: per tile of
+// Two products over the same n rows through row pointers (AVX-512 where it is on), tile by tile: per tile of
 // kResidualGemmTileRows rows the first product's rows, then between(ctx, row0, row1) (may
 // be null), then the second's, so that the second reads the first's output (through
 // between) and any rows the first read from cache, not memory. Returns false without

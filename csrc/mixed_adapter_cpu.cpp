@@ -4,7 +4,8 @@
 //   forward:  y[rows(-1)] = R[rows(-1)] (or 0); y[rows(a)] = adapter_a(x[rows(a)], R[rows(a)])
 //   backward: dx[rows(a)] = adapter_a'(dy[rows(a)]); dx[rows(-1)] = dy (residual x) or 0;
 //             the weight gradients of adapter a from its rows alone.
-// For fp32 x where the AVX2 kernel of cpu_residual_gemm.h runs, its four products read
+// For fp32 x where the row kernel of cpu_residual_gemm.h runs (AVX2 on; its products at the
+// AVX-512 width where that is on too), its four products read
 // and write the rows in place through row maps (z = x W_d^T + b_d and da = dy W_u gather
 // their rows of x and dy, y and dx read R or dy and write their rows where they belong),
 // and the activation passes run once over all grouped rows: the forward copies no row; the
@@ -108,7 +109,7 @@ c10::optional<at::Tensor> slice(const c10::optional<at::Tensor>& t, int64_t a) {
 
 // ---------------------------------------------------------------------------- row maps
 
-// Whether the AVX2 kernel runs the four products of fp32 x [N, d] through row maps here.
+// Whether the row kernel runs the four products of fp32 x [N, d] through row maps here.
 bool mapped(const at::Tensor& x, const c10::optional<at::Tensor>& residual, bool residual_is_x, int64_t r) {
   const bool res_ok = residual_is_x || !residual || residual->scalar_type() == at::kFloat;
   return x.scalar_type() == at::kFloat && res_ok && residual_gemm_available(true) && r >= kResidualGemmMin &&
@@ -143,7 +144,7 @@ void copy_rows(const Groups& g, int64_t begin, int64_t end, const float* src, in
 }
 
 void run(const ResidualGemm& gemm) {
-  TORCH_INTERNAL_ASSERT(residual_gemm(gemm), "fastadapter cpp: the AVX2 kernel did not run a mapped product");
+  TORCH_INTERNAL_ASSERT(residual_gemm(gemm), "fastadapter cpp: the row kernel did not run a mapped product");
 }
 
 std::vector<at::Tensor> forward_mapped(const Groups& g, const at::Tensor& x_in, const at::Tensor& w_down,

@@ -206,15 +206,16 @@ def test_nan_propagates_by_row(backend, placement):
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
 
 
-# The cpp backend's two ways through the site in fp32 (the cpp_avx2 fixture):
-# csrc/adapter_layernorm_cpu.cpp (the residual adds and the LayerNorm in the AVX2 kernel's
-# epilogue, the LayerNorm backward in one pass; r >= 8), and the adapter kernels with
-# ATen's LayerNorm.
-# r >= 8; d around the 8-float vectors and the 16-column blocks; N = 0, 1, around the
-# 6-row micro-rows and over several of the 24-row tiles the products chain through;
-# non-contiguous h and r
+# The cpp backend's ways through the site in fp32 (the cpp_avx2 fixture):
+# csrc/adapter_layernorm_cpu.cpp (the residual adds and the LayerNorm in the row kernel's
+# epilogue, its products at the AVX-512 or AVX2 width, the LayerNorm backward in one pass;
+# r >= 8), and the adapter kernels with ATen's LayerNorm.
+# r >= 8; d around the 8- and 16-float vectors and the 16- and 64-column blocks (128: whole
+# blocks only); N = 0, 1, around the 6-row micro-rows and over several of the 24-row tiles
+# the products chain through; non-contiguous h and r
 FUSED_SHAPES = [((29,), 40, 8, "contiguous"), ((7, 5), 100, 17, "transposed"), ((1,), 24, 9, "strided"),
-                ((0,), 16, 8, "contiguous"), ((61,), 131, 12, "contiguous"), ((7, 23), 72, 16, "strided")]  # fmt: skip
+                ((0,), 16, 8, "contiguous"), ((61,), 131, 12, "contiguous"), ((7, 23), 72, 16, "strided"),
+                ((50,), 128, 64, "contiguous")]  # fmt: skip
 
 
 @pytest.mark.parametrize("lead,d,r,layout", FUSED_SHAPES, ids=lambda v: str(v).replace(" ", ""))

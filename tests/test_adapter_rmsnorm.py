@@ -189,8 +189,9 @@ def test_without_norm_weight_and_adapter_without_bias(backend, norm, bias):
         check_site(backend, make_site(17, 24, r, bias=bias, norm=norm, seed=3), placement, "tanh")
 
 
-# r >= 8 takes the cpp kernels; d around the 8-float vectors and 16-column blocks; N = 0, 1,
-# around the 6-row micro-rows and over several 24-row tiles; non-contiguous inputs
+# r >= 8 takes the cpp kernels; d around the 8- and 16-float vectors and the 16- and
+# 64-column blocks (128: whole blocks only); N = 0, 1, around the 6-row micro-rows and over
+# several 24-row tiles; non-contiguous inputs
 SHAPES = [
     # (lead, d, r, layout)
     ((0,), 40, 6, "contiguous"),
@@ -206,6 +207,7 @@ SHAPES = [
     ((61,), 131, 12, "contiguous"),
     ((7, 23), 72, 16, "strided"),
     ((4,), 16, 70, "contiguous"),
+    ((50,), 128, 64, "contiguous"),
 ]
 
 
@@ -224,7 +226,8 @@ def test_odd_shapes_and_layouts(backend, lead, d, r, layout):
 @pytest.mark.parametrize("lead,d,r,layout", [s for s in SHAPES if s[2] >= 8], ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_cpp_fused_site(cpp_avx2, lead, d, r, layout, placement):
-    """csrc/adapter_rmsnorm_cpu.cpp (AVX2 on) and the cpp adapter kernels with ATen's norm (off)."""
+    """csrc/adapter_rmsnorm_cpu.cpp (AVX2 on, the products at either width) and the cpp adapter
+    kernels with ATen's norm (off)."""
     inputs = make_site(None, d, r, lead=lead, layout=layout, seed=d + r)
     for outputs in ((0, 1), (1,)):
         check_site("cpp", inputs, placement, "gelu", trainable=[1, 1, 1, 1, 1, 1, 1], outputs=outputs)

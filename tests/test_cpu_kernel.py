@@ -244,3 +244,64 @@ def test_weight_grad_kernel_nan_stays_in_its_column(path, module):
     assert torch.isnan(got[:, 17]).all()
     got[:, 17] = 0
     assert torch.isfinite(got).all()
+
+
+def _four_ops(n, d, r):
+    """A call of each cpp op on seeded inputs, relu, returning its outputs and every gradient:
+    the adapter op, the LayerNorm and RMSNorm site ops (row hooks, a second residual) and the
+    mixed-adapter op (row maps)."""
+    import fastadapter as fa
+
+    from .helpers import site_tensors
+
+    g, h, res, *w = site_tensors(n, d, r, torch.float32, seed=7)
+    ln_w, ln_b = 1 + 0.2 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g)
+    index = torch.randint(-1, 3, (n,), generator=g)
+    stacked = [torch.stack([t, 0.5 * t, -t]) for t in w]
+
+    def grads(out, inputs):
+        outs = out if isinstance(out, tuple) else (out,)
+        dys = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        return (*outs, *torch.autograd.grad(outs, inputs, dys))
+
+    def leaves(*ts):
+        return [t.detach().clone().requires_grad_() for t in ts]
+
+    def adapter():
+        x, *ws = leaves(h, *w)
+        return grads(fa.fused_adapter(x, *ws, activation="relu", scaling=0.3, backend="cpp"), [x, *ws])
+
+    def layernorm():
+        ins = leaves(h, res, *w, ln_w, ln_b)
+        return grads(fa.adapter_layernorm(*ins, placement="houlsby", activation="relu", scaling=0.3, backend="cpp"), ins)
+
+    def rmsnorm():
+        ins = leaves(h, res, *w, ln_w)
+        return grads(fa.adapter_rmsnorm(*ins, placement="pfeiffer", activation="relu", scaling=0.3, backend="cpp"), ins)
+
+    def mixed():
+        x, *ws = leaves(h, *stacked)
+        return grads(fa.mixed_adapter(x, index, *ws, activation="relu", scaling=0.3, backend="cpp"), [x, *ws])
+
+    return {"adapter": adapter, "adapter_layernorm": layernorm, "adapter_rmsnorm": rmsnorm, "mixed_adapter": mixed}
+
+
+@pytest.mark.parametrize("op", ["adapter", "adapter_layernorm", "adapter_rmsnorm", "mixed_adapter"])
+def test_same_bits_with_avx512_and_avx2(module, op):
+    """Every product forms each output from the same sums in the same order at either width
+    (the plain AVX-512 kernel, its row-pointer form, the AVX2 kernel), and so do the weight
+    gradients: the outputs and gradients of each op do not depend on which kernels this CPU
+    runs. relu, whose passes are exact at both widths (the others' vector functions differ
+    in the last bits). d and r over several 64-column blocks, k > 128 (the long products)."""
+    if not (all(module.avx512_kernels()) and all(module.avx2_kernels())):
+        pytest.skip("this CPU has no AVX-512")
+    fn = _four_ops(1000, 200, 40)[op]
+    wide = fn()
+    previous = module.set_avx512_kernels_enabled(False)
+    try:
+        narrow = fn()
+    finally:
+        module.set_avx512_kernels_enabled(previous)
+    assert len(wide) == len(narrow)
+    for i, (a, b) in enumerate(zip(wide, narrow)):
+        assert torch.equal(a, b), f"{op}: output or gradient {i} differs"

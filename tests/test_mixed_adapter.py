@@ -179,13 +179,14 @@ def test_one_adapter_everywhere_is_the_adapter_op(backend):
     assert rel_err(y, want) <= 1e-6
 
 
-# The cpp backend's two ways through the mixed op (the cpp_avx2 fixture): its AVX2 kernel
-# reading and writing rows through row maps (fp32, r and d >= 8), and gather, adapter
-# kernels, scatter.
-# (lead shape, d, r, adapters, layout): d and r around the AVX2 kernel's 16-column blocks,
-# 8-lane vectors and 6-row micro-tiles, r = 8 its smallest; strided and transposed x
+# The cpp backend's ways through the mixed op (the cpp_avx2 fixture): its kernels reading
+# and writing rows through row maps (fp32, r and d >= 8) at the AVX-512 or AVX2 width, and
+# gather, adapter kernels, scatter.
+# (lead shape, d, r, adapters, layout): d and r around the kernels' 16- and 64-column
+# blocks, 8- and 16-lane vectors and 6-row micro-tiles, r = 8 its smallest; d = 128 whole
+# blocks only; strided and transposed x
 ROW_MAP_CASES = [((203,), 40, 8, 3, "contiguous"), ((97,), 100, 17, 4, "strided"), ((5, 13), 24, 16, 2, "transposed"),
-                 ((61,), 130, 9, 5, "padded")]  # fmt: skip
+                 ((61,), 130, 9, 5, "padded"), ((90,), 128, 64, 3, "contiguous")]  # fmt: skip
 
 
 @pytest.mark.parametrize("lead, d, r, adapters, layout", ROW_MAP_CASES, ids=lambda v: str(v))
