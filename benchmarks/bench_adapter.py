@@ -48,3 +48,43 @@ def test_adapter(benchmark, case, mode):
         bench.time_case, args=(n, d, r, DTYPE, DEVICE, mode, rounds, target_s, names), rounds=1, iterations=1
     )
     benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("r", [64, 256])
+@pytest.mark.parametrize("form", ["dW_down", "dW_up"])
+def test_weight_grad_products(benchmark, form, r):
+    """The backward's two weight-gradient products alone (N = 4096, d = 768, fp32, CPU): the
+    cpp backend's kernel at each width this CPU runs (csrc/cpu_weight_grad.cpp, through its
+    test hook) against the GEMM an eager backward calls (MKL's). dW_down = dz^T x [r, d],
+    dW_up = dy^T a [d, r]; r = 256 is a merged Average of four adapters."""
+    if DEVICE != "cpu":
+        pytest.skip("a CPU kernel")
+    from fastadapter.backends import extension
+
+    module = extension.load()[0]
+    if module is None or not module.avx2_kernels()[0]:
+        pytest.skip("the cpp kernels do not run here")
+    n, d = 4096, 768
+    g = torch.Generator().manual_seed(0)
+    thin, wide = torch.randn(n, r, generator=g), torch.randn(n, d, generator=g)
+    transposed = form == "dW_up"
+
+    def kernel(avx512):
+        def run():
+            previous = module.set_avx512_kernels_enabled(avx512)
+            try:
+                return module.weight_grad_cpu(thin, wide, 1.0, transposed)
+            finally:
+                module.set_avx512_kernels_enabled(previous)
+
+        return run
+
+    fns = {"mkl": (lambda: wide.t() @ thin) if transposed else (lambda: thin.t() @ wide)}
+    if module.avx512_kernels()[0]:
+        fns["avx512"] = kernel(True)
+    fns["avx2"] = kernel(False)
+    want = fns["mkl"]().double()
+    for name, fn in fns.items():  # each provider computes the same product before anything is timed
+        torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-3, msg=name)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "mkl", False), rounds=1, iterations=1)
+    benchmark.extra_info.update(weight_grad={"form": form, "N": n, "r": r, "d": d, "results": results})

@@ -108,15 +108,7 @@ def test_adapter_layernorm(benchmark, case, mode):
     tensors = _inputs(n, d, rk)
     fns = {p: _callable(p, tensors, mode) for p in _providers(rk)}
 
-    def run():
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            for fn in fns.values():
-                fn()
-            iters = bench.iterations(fns["eager"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if DEVICE == "cuda" else "9"))
-            return bench.interleaved(fns, DEVICE, rounds, iters)
-
-    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "eager", mode != "fwd"), rounds=1, iterations=1)
     e = torch.finfo(DTYPE).bits // 8
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
@@ -172,13 +164,7 @@ def test_adapter_layernorm_split(benchmark, case):
     sites = [p for p in _providers(rk) if p not in ("eager", "compile", "op+add+ln", "gemms")]
     fns = _split_callables(tensors, sites)
 
-    def run():
-        with torch.enable_grad():
-            iters = bench.iterations(fns["op bwd"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if DEVICE == "cuda" else "9"))
-            return bench.interleaved(fns, DEVICE, rounds, iters)
-
-    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "op bwd", True), rounds=1, iterations=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
         N=n, d=d, r=rk, activation="gelu (houlsby site)", mode="split", results=results, split=split(results, sites),

@@ -20,8 +20,6 @@ and d = 4096 too.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,15 +102,7 @@ def test_adapter_rmsnorm(benchmark, case, mode):
     tensors = _inputs(n, d, rk)
     fns = {p: _callable(p, tensors, mode) for p in _providers(rk)}
 
-    def run():
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            for fn in fns.values():
-                fn()
-            iters = bench.iterations(fns["eager"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if DEVICE == "cuda" else "9"))
-            return bench.interleaved(fns, DEVICE, rounds, iters)
-
-    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "eager", mode != "fwd"), rounds=1, iterations=1)
     e = torch.finfo(DTYPE).bits // 8
     # forward: F and x read, y and y_normed written; backward: dy, dn, y and the adapter's
     # input read, dF and dx written; z [N, r] fp32 written and read

@@ -113,14 +113,7 @@ def _callables(key, mode):
 def test_composition(benchmark, key, mode):
     fns = _callables(key, mode)
 
-    def run():
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            for fn in fns.values():
-                fn()
-            iters = bench.iterations(fns["single"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            return bench.interleaved(fns, DEVICE, 15 if DEVICE == "cuda" else 9, iters)
-
-    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "single", mode != "fwd"), rounds=1, iterations=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),
         N=N, d=D, r=R, activation=f"relu, {BLOCKS[key]()!r}", mode=mode, results=results,

@@ -104,14 +104,7 @@ def test_mixed_adapter(benchmark, adapters, mode):
     tensors = _inputs(adapters)
     fns = {p: _callable(p, tensors, mode) for p in _providers()}
 
-    def run():
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-            for fn in fns.values():
-                fn()
-            iters = bench.iterations(fns["single"], DEVICE, 0.02 if DEVICE == "cuda" else 0.1)
-            return bench.interleaved(fns, DEVICE, 15 if DEVICE == "cuda" else 9, iters)
-
-    results = benchmark.pedantic(run, rounds=1, iterations=1)
+    results = benchmark.pedantic(bench.side_by_side, args=(fns, DEVICE, "single", mode != "fwd"), rounds=1, iterations=1)
     e = torch.finfo(DTYPE).bits // 8
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", dtype=str(DTYPE).replace("torch.", ""),

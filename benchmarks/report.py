@@ -5,7 +5,8 @@
 Per case: median time of each provider, speedup over eager and over torch.compile,
 for CPU runs the median minor page faults per call, and for GPU runs the achieved
 bandwidth (minimal bytes / median time) as a fraction of a device copy timed in the
-same run. The adapter site's split (forward and backward apart) as a table of its own.
+same run. The adapter site's split (forward and backward apart), the composition blocks, the
+weight-gradient products and the whole-model steps as tables of their own.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def composition_rows(data: dict):
                    f"{c['fwd_passes']:.1f} + {c['bwd_passes']:.1f} passes of N x d | |")  # fmt: skip
 
 
+def weight_grad_rows(data: dict):
+    """Rows of bench_adapter.py::test_weight_grad_products: each provider's time and rate
+    against MKL's GEMM."""
+    for b in data["benchmarks"]:
+        wg = b["extra_info"].get("weight_grad")
+        if not wg:
+            continue
+        mkl, flop = wg["results"]["mkl"]["median_s"], 2 * wg["N"] * wg["r"] * wg["d"]
+        for name, r in wg["results"].items():
+            t = r["median_s"]
+            yield (f"| {wg['form']}, N={wg['N']} r={wg['r']} d={wg['d']} | {name} | {t * 1e3:.3f} | "
+                   f"{flop / t / 1e9:.0f} | {mkl / t:.2f}x |")  # fmt: skip
+
+
 def cpu_name(cpu: dict) -> str:
     """Vendor, model as the OS reports it, family/model numbers and vector width: the
     same brand string covers CPUs with and without AVX-512 (AMD EPYC Zen 3 and Zen 4)."""
@@ -103,6 +118,12 @@ def table(paths) -> str:
             out.append("| block | mode | provider | median ms | AdapterHub's ops / provider | provider / one adapter |")
             out.append("|---|---|---|---|---|---|")
             out.extend(composed)
+        grads = list(weight_grad_rows(data))
+        if grads:
+            out.append("")
+            out.append("| product | provider | median ms | GFLOP/s | MKL / provider |")
+            out.append("|---|---|---|---|---|")
+            out.extend(grads)
         model = list(model_rows(data))
         if model:
             out.append("")

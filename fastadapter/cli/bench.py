@@ -87,6 +87,19 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, 
     return out
 
 
+def side_by_side(fns: dict[str, Callable[[], object]], device: str, base: str, grad: bool) -> dict:
+    """The providers of one benchmark case timed side by side: a first call of each (compiles,
+    caches, builds), calls per sample sized on ``base``'s time (20 ms a sample on a GPU, 100 ms
+    on a CPU), then :func:`interleaved` in FASTADAPTER_BENCH_ROUNDS rounds (15 on a GPU, 9 on a
+    CPU), with autograd on where ``grad``, else under no_grad."""
+    with torch.enable_grad() if grad else torch.no_grad():
+        for fn in fns.values():
+            fn()
+        iters = iterations(fns[base], device, 0.02 if device == "cuda" else 0.1)
+        rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if device == "cuda" else "9"))
+        return interleaved(fns, device, rounds, iters)
+
+
 def iterations(fn: Callable[[], object], device: str, target_s: float) -> int:
     """Calls per timing sample so that one sample takes about ``target_s``."""
     fn()
