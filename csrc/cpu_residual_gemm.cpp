@@ -332,14 +332,15 @@ FA_AVX512 void micro_6x64_long(const float* const* a, const float* B, int64_t k,
 #undef FA_ZERO_6X64
 
 // out row i = R row i + R2 row i + s * (acc row i + c) over columns [j, j + cols) of the
-// rows of a tile: plain loads and stores for whole vectors, a mask for a partial last one
+// rows of a tile, c at column j: plain loads and stores for whole vectors, a mask for a
+// partial last one
 FA_AVX512 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* const* r_row,
                              const float* const* r2_row, float* const* o_row, int64_t j, const float* c, float s) {
   const __m512 vs = _mm512_set1_ps(s);
   for (int64_t v = 0; v < cols; v += 16) {
     const bool whole = cols - v >= 16;
     const __mmask16 mask = whole ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - v)) - 1u);
-    const __m512 e = c ? _mm512_maskz_loadu_ps(mask, c + j + v) : _mm512_setzero_ps();
+    const __m512 e = c ? _mm512_maskz_loadu_ps(mask, c + v) : _mm512_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
       const float* r = r_row[i] ? r_row[i] + j + v : nullptr;
       const float* r2 = r2_row[i] ? r2_row[i] + j + v : nullptr;

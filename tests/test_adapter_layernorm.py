@@ -211,11 +211,12 @@ def test_nan_propagates_by_row(backend, placement):
 # epilogue, its products at the AVX-512 or AVX2 width, the LayerNorm backward in one pass;
 # r >= 8), and the adapter kernels with ATen's LayerNorm.
 # r >= 8; d around the 8- and 16-float vectors and the 16- and 64-column blocks (128: whole
-# blocks only); N = 0, 1, around the 6-row micro-rows and over several of the 24-row tiles
-# the products chain through; non-contiguous h and r
+# blocks only); r > 128 (the up-projection's k in blocks, over several column blocks); N = 0,
+# 1, around the 6-row micro-rows and over several of the 24-row tiles the products chain
+# through; non-contiguous h and r
 FUSED_SHAPES = [((29,), 40, 8, "contiguous"), ((7, 5), 100, 17, "transposed"), ((1,), 24, 9, "strided"),
                 ((0,), 16, 8, "contiguous"), ((61,), 131, 12, "contiguous"), ((7, 23), 72, 16, "strided"),
-                ((50,), 128, 64, "contiguous")]  # fmt: skip
+                ((50,), 128, 64, "contiguous"), ((37,), 200, 150, "contiguous")]  # fmt: skip
 
 
 @pytest.mark.parametrize("lead,d,r,layout", FUSED_SHAPES, ids=lambda v: str(v).replace(" ", ""))

@@ -190,8 +190,9 @@ def test_without_norm_weight_and_adapter_without_bias(backend, norm, bias):
 
 
 # r >= 8 takes the cpp kernels; d around the 8- and 16-float vectors and the 16- and
-# 64-column blocks (128: whole blocks only); N = 0, 1, around the 6-row micro-rows and over
-# several 24-row tiles; non-contiguous inputs
+# 64-column blocks (128: whole blocks only); r > 128 (the up-projection's k in blocks, over
+# several column blocks); N = 0, 1, around the 6-row micro-rows and over several 24-row
+# tiles; non-contiguous inputs
 SHAPES = [
     # (lead, d, r, layout)
     ((0,), 40, 6, "contiguous"),
@@ -208,6 +209,7 @@ SHAPES = [
     ((7, 23), 72, 16, "strided"),
     ((4,), 16, 70, "contiguous"),
     ((50,), 128, 64, "contiguous"),
+    ((37,), 200, 150, "contiguous"),
 ]
 
 

@@ -286,16 +286,18 @@ def _four_ops(n, d, r):
     return {"adapter": adapter, "adapter_layernorm": layernorm, "adapter_rmsnorm": rmsnorm, "mixed_adapter": mixed}
 
 
+@pytest.mark.parametrize("r", [40, 150])
 @pytest.mark.parametrize("op", ["adapter", "adapter_layernorm", "adapter_rmsnorm", "mixed_adapter"])
-def test_same_bits_with_avx512_and_avx2(module, op):
+def test_same_bits_with_avx512_and_avx2(module, op, r):
     """Every product forms each output from the same sums in the same order at either width
     (the plain AVX-512 kernel, its row-pointer form, the AVX2 kernel), and so do the weight
     gradients: the outputs and gradients of each op do not depend on which kernels this CPU
     runs. relu, whose passes are exact at both widths (the others' vector functions differ
-    in the last bits). d and r over several 64-column blocks, k > 128 (the long products)."""
+    in the last bits). d and r over several 64-column blocks; k = d > 128 and, with r = 150,
+    k = r > 128 too (every product in k-blocks)."""
     if not (all(module.avx512_kernels()) and all(module.avx2_kernels())):
         pytest.skip("this CPU has no AVX-512")
-    fn = _four_ops(1000, 200, 40)[op]
+    fn = _four_ops(1000, 200, r)[op]
     wide = fn()
     previous = module.set_avx512_kernels_enabled(False)
     try:

@@ -184,9 +184,9 @@ def test_one_adapter_everywhere_is_the_adapter_op(backend):
 # gather, adapter kernels, scatter.
 # (lead shape, d, r, adapters, layout): d and r around the kernels' 16- and 64-column
 # blocks, 8- and 16-lane vectors and 6-row micro-tiles, r = 8 its smallest; d = 128 whole
-# blocks only; strided and transposed x
+# blocks only; r > 128 (the up-projection's k in blocks); strided and transposed x
 ROW_MAP_CASES = [((203,), 40, 8, 3, "contiguous"), ((97,), 100, 17, 4, "strided"), ((5, 13), 24, 16, 2, "transposed"),
-                 ((61,), 130, 9, 5, "padded"), ((90,), 128, 64, 3, "contiguous")]  # fmt: skip
+                 ((61,), 130, 9, 5, "padded"), ((90,), 128, 64, 3, "contiguous"), ((50,), 200, 150, 2, "contiguous")]  # fmt: skip
 
 
 @pytest.mark.parametrize("lead, d, r, adapters, layout", ROW_MAP_CASES, ids=lambda v: str(v))
