@@ -371,3 +371,67 @@ def test_bf16_bert_on_gpu_matches_reference(backend):
     model(input_ids=ids).last_hidden_state.float().square().mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if ".adapters.t." in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _corrupt(weights: dict, key: str, fault: str) -> str:
+    """One fault in a checkpoint's weights: ``key`` one column short, left out, or joined by a
+    stray entry beside it. Returns what the load's error must say."""
+    if fault == "shape":
+        weights[key] = weights[key][..., :-1].contiguous()
+        return f"{key} has shape"
+    if fault == "missing":
+        del weights[key]
+        return "missing"
+    weights[key.replace(".weight", ".stray")] = weights[key].clone()
+    return "unexpected"
+
+
+FAULTS = ["shape", "missing", "unexpected"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("what", ["adapter", "fusion"])
+def test_checkpoint_with_wrong_weights_loads_nothing(what, fault, tmp_path):
+    """A saved weight of the wrong shape, a missing one or a stray one: the load says which,
+    and the model is left without anything from the checkpoint (adapters nor fusion layer)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(), "a")
+    fa.add_adapters(model, fa.AdapterConfig(), "b")
+    fa.add_fusion(model, ["a", "b"])
+    fa.save_adapters(model, str(tmp_path))
+    path = str(tmp_path / "adapters.safetensors")
+    weights = load_file(path)
+    part = ".adapters.b.up." if what == "adapter" else ".adapter_fusion_layer.a,b.value."
+    key = sorted(k for k in weights if part in k and k.endswith(".weight"))[-1]
+    says = _corrupt(weights, key, fault)
+    save_file(weights, path)
+    fresh = _model("bert")
+    before = set(dict(fresh.named_parameters()))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fa.load_adapters(fresh, str(tmp_path))
+    assert set(dict(fresh.named_parameters())) == before
+    assert not fa.adapter_configs(fresh) and not fa.fusion_configs(fresh)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_adapterhub_checkpoint_with_wrong_weights_loads_nothing(fault, tmp_path):
+    """The same for an AdapterHub directory."""
+    import re
+
+    model = _model("bert")
+    fa.add_adapters(model, fa.AdapterConfig(), "a")
+    fa.save_adapterhub(model, str(tmp_path), "a")
+    path = str(tmp_path / "pytorch_adapter.bin")
+    weights = torch.load(path, weights_only=True)
+    key = sorted(k for k in weights if k.endswith(".weight"))[-1]
+    says = {"shape": _corrupt(weights, key, fault), "missing": "lacks 1 of", "unexpected": "unexpected parameter"}[fault]
+    torch.save(weights, path)
+    fresh = _model("bert")
+    before = set(dict(fresh.named_parameters()))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fa.load_adapterhub(fresh, str(tmp_path))
+    assert set(dict(fresh.named_parameters())) == before and not fa.adapter_configs(fresh)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import __version__
 from ..activations import canonical_activation
+from .checkpoint import fill_weights
 from .config import AdapterConfig, FusionConfig
 from .distributed import writing_files
 from .fusion import add_fusion, fusion_configs, fusion_state_dict, remove_fusion
@@ -188,8 +189,8 @@ def load_adapterhub(model: nn.Module, directory: str, name: Optional[str] = None
     add_adapters(model, config, name)
     try:
         owners = {(s.layer, s.kind): s.owner for s in find_sites(model)}
-        filled = set()
-        for key, value in weights.items():
+        targets = {}  # checkpoint key -> this model's parameter
+        for key in weights:
             m = _KEY.search(key)
             if m is None or (saved_name and m.group(3) != saved_name):
                 raise ValueError(f"unexpected parameter {key!r} in the AdapterHub checkpoint")
@@ -197,12 +198,9 @@ def load_adapterhub(model: nn.Module, directory: str, name: Optional[str] = None
             owner = owners.get((layer, kind))
             if owner is None or name not in getattr(owner, "adapters", {}):
                 raise ValueError(f"the AdapterHub checkpoint has {key!r}, but this model has no such adapter site")
-            param = getattr(getattr(owner.adapters[name], _PARAM[m.group(4)]), m.group(5))
-            if param.shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)}, this model needs {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(value)
-            filled.add(id(param))
+            targets[key] = getattr(getattr(owner.adapters[name], _PARAM[m.group(4)]), m.group(5))
+        fill_weights("the AdapterHub checkpoint", targets, weights)
+        filled = {id(p) for p in targets.values()}
         expected = [p for o in owners.values() if name in getattr(o, "adapters", {}) for p in o.adapters[name].parameters()]
         missing = sum(id(p) not in filled for p in expected)
         if missing:
@@ -233,20 +231,17 @@ def _load_fusion(model: nn.Module, directory: str, name: Optional[str]) -> str:
     try:
         weights = _read_weights(directory, FUSION_SAFE_FILE, FUSION_BIN_FILE)
         owners = {(s.layer, s.kind): s.owner for s in find_sites(model)}
-        filled = set()
-        for key, value in weights.items():
+        targets = {}  # checkpoint key -> this model's parameter
+        for key in weights:
             m = _FUSION_KEY.search(key)
             if m is None or m.group(3) != saved:
                 raise ValueError(f"unexpected parameter {key!r} in the AdapterHub fusion checkpoint")
             layers = getattr(owners.get((int(m.group(1)), _KIND[m.group(2)])), "adapter_fusion_layer", {})
             if name not in layers or getattr(layers[name], m.group(4)) is None:
                 raise ValueError(f"the AdapterHub fusion checkpoint has {key!r}, but this model has no such fusion parameter")
-            param = getattr(getattr(layers[name], m.group(4)), m.group(5))
-            if param.shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)}, this model needs {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(value)
-            filled.add(id(param))
+            targets[key] = getattr(getattr(layers[name], m.group(4)), m.group(5))
+        fill_weights("the AdapterHub fusion checkpoint", targets, weights)
+        filled = {id(p) for p in targets.values()}
         expected = list(fusion_state_dict(model, name))
         if len(filled) != len(expected):
             raise ValueError(f"the AdapterHub fusion checkpoint lacks {len(expected) - len(filled)} of the layer's "

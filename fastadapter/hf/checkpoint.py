@@ -19,6 +19,25 @@ CONFIG_FILE = "fastadapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 
 
+def fill_weights(what: str, targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights[k]`` into ``targets[k]`` (a parameter, whole or an FSDP2 shard) for every
+    name k, once both are known to hold the same names and shapes: on a mismatch nothing is
+    copied, and the error names ``what`` ("adapter 'a'") and the first names or the shape."""
+    missing, unexpected = sorted(set(targets) - set(weights)), sorted(set(weights) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k, p in targets.items():
+        if tuple(weights[k].shape) != tuple(p.shape):  # a DTensor's shape is the whole tensor's
+            raise ValueError(f"{what}: {k} has shape {tuple(weights[k].shape)}, the model needs {tuple(p.shape)}")
+    for k, p in targets.items():
+        copy_into(p, weights[k])
+
+
+def _named(weights: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """The entries of ``weights`` whose names contain ``part``."""
+    return {k: v for k, v in weights.items() if part in k}
+
+
 def _model_info(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {
@@ -95,24 +114,15 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
         _load_into_shards(model, directory, names, saved, weights)
         params = dict(model.named_parameters())
         for f in set(meta.get("fusions", {})) & set(fusion_configs(model)):  # added before sharding
-            for k, v in weights.items():
-                if f"adapter_fusion_layer.{f}." in k and k in params:
-                    copy_into(params[k], v)
+            part = f"adapter_fusion_layer.{f}."
+            fill_weights(f"fusion layer {f!r}", _named(params, part), _named(weights, part))
         return names
     added = []
     try:
         for n in names:
             add_adapters(model, AdapterConfig.from_dict(saved[n]), n)
             added.append(n)
-            own = adapter_state_dict(model, n)
-            theirs = {k: v for k, v in weights.items() if f"adapters.{n}." in k}
-            missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
-            if missing or unexpected:
-                raise ValueError(f"adapter {n!r} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-            for k, p in own.items():
-                if theirs[k].shape != p.shape:
-                    raise ValueError(f"adapter {n!r}: {k} has shape {tuple(theirs[k].shape)}, the model needs {tuple(p.shape)}")
-                p.copy_(theirs[k])
+            fill_weights(f"adapter {n!r}", adapter_state_dict(model, n), _named(weights, f"adapters.{n}."))
         for f, entry in meta.get("fusions", {}).items():
             if set(entry["adapters"]) <= set(adapter_configs(model)) and f not in fusion_configs(model):
                 _load_fusion(model, f, entry, weights)
@@ -125,17 +135,9 @@ def load_adapters(model: nn.Module, directory: str, name: Optional[str] = None) 
 
 def _load_fusion(model: nn.Module, name: str, entry: dict, weights: dict) -> None:
     add_fusion(model, entry["adapters"], FusionConfig.load(entry["config"]), name=name)
-    own = fusion_state_dict(model, name)
-    theirs = {k: v for k, v in weights.items() if f"adapter_fusion_layer.{name}." in k}
-    if sorted(own) != sorted(theirs):
-        raise ValueError(f"fusion layer {name!r} does not fit this model: missing {sorted(set(own) - set(theirs))[:4]}, "
-                         f"unexpected {sorted(set(theirs) - set(own))[:4]}")  # fmt: skip
     params = dict(model.named_parameters())
-    for k, v in theirs.items():
-        if v.shape != params[k].shape:
-            raise ValueError(f"fusion layer {name!r}: {k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}")
-        with torch.no_grad():
-            params[k].copy_(v)
+    own = {k: params[k] for k in fusion_state_dict(model, name)}
+    fill_weights(f"fusion layer {name!r}", own, _named(weights, f"adapter_fusion_layer.{name}."))
 
 
 def _load_into_shards(model: nn.Module, directory: str, names: list[str], saved: dict, weights: dict) -> None:
@@ -148,14 +150,5 @@ def _load_into_shards(model: nn.Module, directory: str, names: list[str], saved:
                              f"before sharding, then load them (it has: {', '.join(configs) or 'none'})")  # fmt: skip
         if configs[n].to_dict() != AdapterConfig.from_dict(saved[n]).to_dict():
             raise ValueError(f"adapter {n!r} of the sharded model has another config than the one in {directory}")
-        own = [k for k in params if f"adapters.{n}." in k]
-        theirs = {k: v for k, v in weights.items() if f"adapters.{n}." in k}
-        if sorted(own) != sorted(theirs):
-            raise ValueError(f"adapter {n!r} does not fit this model: missing {sorted(set(own) - set(theirs))[:4]}, "
-                             f"unexpected {sorted(set(theirs) - set(own))[:4]}")  # fmt: skip
-        for k in own:
-            want = tuple(params[k].shape)  # a DTensor's shape is the whole tensor's
-            if tuple(theirs[k].shape) != want:
-                raise ValueError(f"adapter {n!r}: {k} has shape {tuple(theirs[k].shape)}, the model needs {want}")
-            copy_into(params[k], theirs[k])
+        fill_weights(f"adapter {n!r}", _named(params, f"adapters.{n}."), _named(weights, f"adapters.{n}."))
     set_active_adapter(model, names[-1])
