@@ -1,29 +1,25 @@
 // AVX-512 and AVX2 kernels for out = R + s * (A @ B + c) (see cpu_residual_gemm.h).
 //
-// AVX-512:
-// B (k x d, the adapter's weight) is packed once per call into column blocks of 64,
-// k x 64 floats each and contiguous, zero-padded past d. Rows go in tiles of kTileRows,
-// handed to threads one at a time; inside a tile each block of B is swept by 6 x 64
-// micro-tiles: 24 zmm accumulators, 4 loads of B and 6 broadcasts of A per step of p.
-// For k <= kKc, R and c are read in the epilogue while the micro-tile is still in
-// registers; longer dot products go in k-blocks of kKc summed in a tile buffer (B's
-// block stays in L1, and the rounding error grows with kKc, not k) and then the same
-// epilogue.
+// B (k x d, the adapter's weight) is packed once per call into column blocks of 64 (AVX-512)
+// or 16 (AVX2), k x width floats each and contiguous, zero-padded past d. Rows go in tiles of
+// 24, handed to threads one at a time. Inside a tile the order is the micro-row's: 6 rows
+// sweep all of d before the next 6 (for k <= kKc in one call), so that R and out stream
+// along 6 rows at a time and A's 6 rows stay in L1 (B's blocks come from L2); the micro-tile
+// is 6 x 64 with AVX-512 (24 zmm accumulators, 4 loads of B and 6 broadcasts of A per step
+// of p) and 6 x 16 with AVX2 (12 ymm accumulators, 2 loads and 6 broadcasts). R, R2 and c
+// are read in the epilogue while the micro-tile is still in registers. For k > kKc each
+// micro-tile's k-blocks of kKc are summed in registers and added in order in a 6 x width
+// buffer, then the same epilogue (the rounding error grows with kKc plus the number of
+// blocks, not with k). Both widths form each output from the same sums in the same order:
+// they give the same bits.
 //
-// AVX2 (with FMA): the same micro-tiles at half the vector width, 6 x 16 (12 ymm
-// accumulators, 2 loads of B and 6 broadcasts of A per step of p), B packed in column
-// blocks of 16. Its order is the micro-row's: 6 rows sweep all of d before the next 6 (for
-// k <= kKc in one call), so that R and out stream along 6 rows at a time and A's 6 rows
-// stay in L1 (B's blocks come from L2); the 24-row order of the AVX-512 kernel ran about
-// 30% slower here on a Zen 3. For k > kKc the k-blocks of each 6 x 16 micro-tile are
-// summed in registers and added in order in a 6 x 16 buffer, the same sums as the AVX-512
-// kernel's.
-//
-// Products whose rows are gathered or scattered through row maps (the mixed-adapter op),
-// with a second residual, or with a row hook or prologue (the site ops) run through row
-// pointers in the AVX2 kernel's order: at the AVX-512 width (wide_rows, 6 x 64) where
-// AVX-512 is on, else in the AVX2 kernel; either only where AVX2 is on, since their callers'
-// hooks are AVX2 code. Every path forms each output from the same sums in the same order.
+// Rows are reached through row pointers, so the same code serves the products whose rows
+// are gathered or scattered through row maps (the mixed-adapter op) and those with a
+// second residual, a row hook or a prologue (the site ops); those run only where AVX2 is
+// on, since their callers' hooks are AVX2 code. On a Zen 3 the micro-row order ran about
+// 30% faster than a 24-row order with a tile buffer per k-block; on a Zen 5 (AVX-512) the
+// two were within 4% of each other, the micro-row order ahead in fwd+bwd
+// (benchmarks/RESULTS.md), and the 24-row kernel was dropped.
 //
 // Each is compiled by function attribute and chosen at run time, so a build without
 // -march=native still has both and a CPU never runs instructions it lacks.
@@ -61,77 +57,9 @@ std::atomic<bool> g_avx2_enabled{true};  // the AVX2 kernel
 
 #if FASTADAPTER_HAVE_AVX512_KERNEL
 
-constexpr int64_t kMR = 6;         // rows per micro-tile
-constexpr int64_t kNR = 64;        // columns per micro-tile and per packed block of B
-constexpr int64_t kTileRows = 24;  // rows per parallel task
-static_assert(kTileRows == kResidualGemmTileRows, "the row prologue's ranges are the tiles of either kernel");
-constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 64 floats of B: 32 KiB, in L1)
-
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
-}
-
-// The full 6 x 64 micro-tile, written out so that the 24 accumulators stay in registers.
-FA_AVX512 void micro_6x64(const float* A, int64_t lda, const float* B, int64_t k, const float* R, int64_t ldr,
-                          const float* c, float s, float* out, int64_t ldo) {
-#define FA_ROW(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-  FA_ROW(0) FA_ROW(1) FA_ROW(2) FA_ROW(3) FA_ROW(4) FA_ROW(5)
-#undef FA_ROW
-  const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda, *a4 = A + 4 * lda, *a5 = A + 5 * lda;
-  for (int64_t p = 0; p < k; ++p) {
-    const float* bp = B + p * kNR;
-    const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
-    const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
-#define FA_FMA(i)                                       \
-  {                                                     \
-    const __m512 av = _mm512_set1_ps(a##i[p]);          \
-    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);         \
-    c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);         \
-    c##i##2 = _mm512_fmadd_ps(av, b2, c##i##2);         \
-    c##i##3 = _mm512_fmadd_ps(av, b3, c##i##3);         \
-  }
-    FA_FMA(0) FA_FMA(1) FA_FMA(2) FA_FMA(3) FA_FMA(4) FA_FMA(5)
-#undef FA_FMA
-  }
-  const __m512 vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
-  const __m512 e0 = c ? _mm512_loadu_ps(c) : zero, e1 = c ? _mm512_loadu_ps(c + 16) : zero;
-  const __m512 e2 = c ? _mm512_loadu_ps(c + 32) : zero, e3 = c ? _mm512_loadu_ps(c + 48) : zero;
-#define FA_OUT1(i, v, e) \
-  _mm512_storeu_ps(o + 16 * v, _mm512_fmadd_ps(vs, _mm512_add_ps(c##i##v, e), R ? _mm512_loadu_ps(rr + 16 * v) : zero));
-#define FA_OUT(i)                                   \
-  {                                                 \
-    float* o = out + i * ldo;                       \
-    const float* rr = R ? R + i * ldr : nullptr;    \
-    FA_OUT1(i, 0, e0) FA_OUT1(i, 1, e1) FA_OUT1(i, 2, e2) FA_OUT1(i, 3, e3) \
-  }
-  FA_OUT(0) FA_OUT(1) FA_OUT(2) FA_OUT(3) FA_OUT(4) FA_OUT(5)
-#undef FA_OUT
-#undef FA_OUT1
-}
-
-// Edge micro-tiles: mr < 6 rows and/or nv < 4 vectors, the last vector's columns masked.
-FA_AVX512 void micro_edge(int64_t mr, int64_t nv, __mmask16 tail, const float* A, int64_t lda, const float* B, int64_t k,
-                          const float* R, int64_t ldr, const float* c, float s, float* out, int64_t ldo) {
-  __m512 acc[kMR][4];
-  for (int64_t i = 0; i < mr; ++i)
-    for (int64_t v = 0; v < nv; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k; ++p) {
-    const float* bp = B + p * kNR;  // zero-padded: full loads are in bounds
-    for (int64_t i = 0; i < mr; ++i) {
-      const __m512 av = _mm512_set1_ps(A[i * lda + p]);
-      for (int64_t v = 0; v < nv; ++v) acc[i][v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp + 16 * v), acc[i][v]);
-    }
-  }
-  const __m512 vs = _mm512_set1_ps(s);
-  for (int64_t v = 0; v < nv; ++v) {
-    const __mmask16 m = v == nv - 1 ? tail : static_cast<__mmask16>(0xFFFF);
-    const __m512 e = c ? _mm512_maskz_loadu_ps(m, c + 16 * v) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < mr; ++i) {
-      const __m512 rv = R ? _mm512_maskz_loadu_ps(m, R + i * ldr + 16 * v) : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(out + i * ldo + 16 * v, m, _mm512_fmadd_ps(vs, _mm512_add_ps(acc[i][v], e), rv));
-    }
-  }
 }
 
 // B as column blocks [ceil(d / width)][k][width], zero past d, in a buffer kept per
@@ -158,67 +86,14 @@ const float* pack_b(const ResidualGemm& g, int64_t width, int slot = 0) {
   return base;
 }
 
-// out[i, :cols] = R[i, :cols] + s * (acc[i, :cols] + c[:cols]) for the rows of a tile
-FA_AVX512 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const float* R, int64_t ldr, const float* c,
-                             float s, float* out, int64_t ldo) {
-  const __m512 vs = _mm512_set1_ps(s);
-  for (int64_t v = 0; v < cols; v += 16) {
-    const __mmask16 m = cols - v >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - v)) - 1u);
-    const __m512 e = c ? _mm512_maskz_loadu_ps(m, c + v) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i) {
-      const __m512 rv = R ? _mm512_maskz_loadu_ps(m, R + i * ldr + v) : _mm512_setzero_ps();
-      const __m512 t = _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + i * kNR + v), e);
-      _mm512_mask_storeu_ps(out + i * ldo + v, m, _mm512_fmadd_ps(vs, t, rv));
-    }
-  }
-}
+// ---------------------------------------------------------------------------- AVX-512
 
-void micro(int64_t mr, int64_t cols, int64_t nv, __mmask16 tail, const float* a, int64_t lda, const float* b, int64_t k,
-           const float* r, int64_t ldr, const float* c, float s, float* o, int64_t ldo) {
-  if (mr == kMR && cols == kNR) micro_6x64(a, lda, b, k, r, ldr, c, s, o, ldo);
-  else micro_edge(mr, nv, tail, a, lda, b, k, r, ldr, c, s, o, ldo);
-}
+namespace avx512 {
 
-void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
-  alignas(64) float acc[kTileRows * kNR];  // running sums of a tile's k-blocks
-  for (int64_t j = 0; j < g.d; j += kNR) {
-    const float* bj = packed + (j / kNR) * g.k * kNR;
-    const int64_t cols = std::min(kNR, g.d - j);
-    const int64_t nv = (cols + 15) / 16;
-    const int64_t rem = cols - 16 * (nv - 1);
-    const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1u);
-    const float* cj = g.c ? g.c + j : nullptr;
-    if (g.k <= kKc) {  // one k-block: the epilogue straight from the registers
-      for (int64_t i = row0; i < row1; i += kMR) {
-        micro(std::min(kMR, row1 - i), cols, nv, tail, g.a + i * g.lda, g.lda, bj, g.k, g.r ? g.r + i * g.ldr + j : nullptr,
-              g.ldr, cj, g.s, g.out + i * g.ldo + j, g.ldo);
-      }
-      continue;
-    }
-    // k in blocks of kKc: each block's B stays in L1 across the tile's micro-rows, and a
-    // long dot product is summed as block partials (rounding error grows with kKc plus
-    // the number of blocks, not with k)
-    for (int64_t p = 0; p < g.k; p += kKc) {
-      const int64_t kb = std::min(kKc, g.k - p);
-      for (int64_t i = row0; i < row1; i += kMR) {
-        float* t = acc + (i - row0) * kNR;
-        micro(std::min(kMR, row1 - i), cols, nv, tail, g.a + i * g.lda + p, g.lda, bj + p * kNR, kb, p == 0 ? nullptr : t, kNR,
-              nullptr, 1.0f, t, kNR);
-      }
-    }
-    tile_epilogue(row1 - row0, cols, acc, g.r ? g.r + row0 * g.ldr + j : nullptr, g.ldr, cj, g.s, g.out + row0 * g.ldo + j,
-                  g.ldo);
-  }
-}
-
-// ------------------------------------------------------------ AVX-512 through row pointers
-//
-// Products with row maps, a second residual, or a row hook or prologue (the mixed-adapter
-// and site ops) at the AVX-512 width: the AVX2 kernel's order below (each micro-row sweeps
-// all of d for k <= kKc; for longer k, per micro-row and column block, each k-block summed
-// in registers and the blocks added in order), with 6 x 64 micro-tiles.
-
-namespace wide_rows {
+constexpr int64_t kMR = 6;         // rows per micro-tile
+constexpr int64_t kNR = 64;        // columns per micro-tile and per packed block of B
+constexpr int64_t kTileRows = kResidualGemmTileRows;  // rows per parallel task
+constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 64 floats of B: 32 KiB)
 
 // The row pointers of one micro-tile: A's rows (at column 0), R's, R2's and out's (at the
 // column block's first column, or column 0 for a sweep); r[i], r2[i] null: none.
@@ -309,8 +184,8 @@ FA_AVX512 void micro_edge(int64_t mr, int64_t cols, const Rows& m, const float* 
 }
 
 // acc[6][64] = A's 6 rows times B (k x 64, packed) for k > kKc: each block of kKc steps
-// summed in registers, the block partials added in order in acc (in L1), the sums the
-// AVX-512 kernel's tile buffer forms.
+// summed in registers, the block partials added in order in acc (in L1), the sums of the
+// AVX2 kernel's micro_6x16_long.
 FA_AVX512 void micro_6x64_long(const float* const* a, const float* B, int64_t k, float* acc) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   for (int64_t p0 = 0; p0 < k; p0 += kKc) {
@@ -406,7 +281,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
   }
 }
 
-}  // namespace wide_rows
+}  // namespace avx512
 
 // ---------------------------------------------------------------------------- AVX2
 
@@ -602,7 +477,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
     return;
   }
   // k in blocks of kKc: per micro-row and column block, micro_6x16_long sums the blocks'
-  // partials in order (as the AVX-512 kernel's tile buffer does), then the epilogue. A
+  // partials in order (as micro_6x64_long does), then the epilogue. A
   // micro-row of fewer than 6 rows repeats its first row's A in the others and writes
   // only its own.
   alignas(32) float acc[kMR * kNR];
@@ -652,14 +527,14 @@ bool residual_gemm_available(bool row_maps) {
 }
 
 bool residual_gemm(const ResidualGemm& g) {
-  // row maps, a second residual and the row hook and prologue: wide_rows or AVX2
+  // row maps, a second residual and the row hook and prologue only where AVX2 is on
   const bool row_maps = g.a_rows || g.r_rows || g.out_rows || g.r2 || g.rows_done || g.rows_ready;
   if (g.k < kResidualGemmMin || g.d < kResidualGemmMin || !residual_gemm_available(row_maps)) return false;
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;
   const bool wide = avx512_kernels_available();
-  const int64_t tile_rows = wide ? kTileRows : avx2::kTileRows;
-  const float* packed = pack_b(g, wide ? kNR : avx2::kNR);
+  const int64_t tile_rows = wide ? avx512::kTileRows : avx2::kTileRows;
+  const float* packed = pack_b(g, wide ? avx512::kNR : avx2::kNR);
   const int64_t tiles = (g.n + tile_rows - 1) / tile_rows;
   // Tiles are handed out one at a time from a shared counter, not split evenly up front:
   // on a shared machine one slowed core then costs its share of the work, not the wait
@@ -670,8 +545,7 @@ bool residual_gemm(const ResidualGemm& g) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t row0 = t * tile_rows, row1 = std::min(g.n, (t + 1) * tile_rows);
-      if (wide && row_maps) wide_rows::run_tile(g, packed, row0, row1);
-      else if (wide) run_tile(g, packed, row0, row1);
+      if (wide) avx512::run_tile(g, packed, row0, row1);
       else avx2::run_tile(g, packed, row0, row1);
     }
   });
@@ -690,7 +564,7 @@ bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, i
   const int64_t n = first.n;
   if (n == 0) return true;
   const bool wide = avx512_kernels_available();
-  const int64_t width = wide ? kNR : avx2::kNR;
+  const int64_t width = wide ? avx512::kNR : avx2::kNR;
   const float* packed1 = pack_b(first, width, 0);
   const float* packed2 = pack_b(second, width, 1);
   const int64_t tiles = (n + avx2::kTileRows - 1) / avx2::kTileRows;
@@ -701,10 +575,10 @@ bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, i
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t row0 = t * avx2::kTileRows, row1 = std::min(n, (t + 1) * avx2::kTileRows);
-      if (wide) wide_rows::run_tile(first, packed1, row0, row1);
+      if (wide) avx512::run_tile(first, packed1, row0, row1);
       else avx2::run_tile(first, packed1, row0, row1);
       if (between) between(ctx, row0, row1);
-      if (wide) wide_rows::run_tile(second, packed2, row0, row1);
+      if (wide) avx512::run_tile(second, packed2, row0, row1);
       else avx2::run_tile(second, packed2, row0, row1);
     }
   });
