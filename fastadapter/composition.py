@@ -243,16 +243,9 @@ def fuse_adapters(u: Tensor, adapters: Sequence, fusion) -> Tensor:
     the output is sum_i p_i (W_v P_i z_i + W_v s_i b_up_i). The products of W_q, W_k, W_v with
     the adapters' W_up are formed once per call ([d, sum r_i] each), so every per-token product
     is d x sum r_i wide instead of AdapterHub's three d x d projections and n branch outputs."""
-    d = u.shape[-1]
-    acc = torch.promote_types(u.dtype, torch.float32)
     sizes = [a.down.weight.shape[0] for a in adapters]
     units = sum(sizes)
-    p_up = torch.cat([a.up.weight.to(acc) * a.scaling for a in adapters], dim=1)  # [d, R]
-    b_up = torch.stack([_bias(a.up, d).to(acc) * a.scaling for a in adapters], dim=1)  # [d, n]
-    cols = torch.cat([p_up, b_up], dim=1)  # [d, R + n]: the n branches' columns and biases
-    keyed = fusion.key.weight.to(acc) @ cols if fusion.key is not None else cols  # rows: W_k P_i, W_k s_i b_up_i
-    m = keyed.T @ fusion.query.weight.to(acc) if fusion.query is not None else keyed.T  # [R + n, d]
-    c = keyed.T @ fusion.query.bias.to(acc) if fusion.query is not None and fusion.query.bias is not None else None
+    m, c, valued = _fold(u, adapters, fusion)
     # one product of u for the pre-activations and the score columns: [..., R] and [..., R + n]
     w = torch.cat([torch.cat([a.down.weight for a in adapters]), m.to(u.dtype)])
     b = torch.cat([torch.cat([_bias(a.down, r) for a, r in zip(adapters, sizes)]),
@@ -264,9 +257,49 @@ def fuse_adapters(u: Tensor, adapters: Sequence, fusion) -> Tensor:
     ones = F.one_hot(segments, len(adapters)).to(u.dtype)  # [R, n]: which adapter each unit belongs to
     scores = (g[..., :units] * z) @ ones + g[..., units:]
     p = fusion.probabilities(scores)
-    valued = fusion.value.weight.to(acc) @ cols if fusion.value is not None else cols  # [d, R + n]
     weights = torch.cat([(p @ ones.T) * z, p], dim=-1)  # [..., R + n]
     return F.linear(weights, valued.to(u.dtype))
+
+
+def _fold(u: Tensor, adapters: Sequence, fusion) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """(M, c, V) of :func:`fuse_adapters`: the score rows M = [W_k P_i, W_k s_i b_up_i]^T W_q
+    ([R + n, d]), their bias c (or None) and the value columns V = W_v [P_i, s_i b_up_i]
+    ([d, R + n]), in fp32 (fp64 for fp64 u). Formed once per call where autograd records
+    (they are functions of trained weights), and under no_grad kept on the fusion layer until
+    one of the weights they read changes (a parameter's in-place version counter, or another
+    tensor object) or the adapters, their scalings or the dtype do: inference pays for them
+    once, not per forward (outside torch.compile and process groups)."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    # not under torch.compile (no graph break), nor in a process group: FSDP2 refills the same
+    # unsharded parameter objects, and whether every refill bumps their versions is its own
+    # business; a fold recomputed there costs time, a stale one would be silently wrong
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or distributed:
+        return _folded(u.shape[-1], adapters, fusion, acc)
+    reads = [t for a in adapters for t in (a.up.weight, a.up.bias) if t is not None]
+    reads += [t for layer in (fusion.query, fusion.key, fusion.value) if layer is not None for t in layer.parameters()]
+    key = (acc, tuple(id(a) for a in adapters), tuple(a.scaling for a in adapters), tuple((t, t._version) for t in reads))
+    cached = fusion.__dict__.get("_fold_cache")
+    if cached is None or not _same_key(cached[0], key):
+        cached = fusion.__dict__["_fold_cache"] = (key, _folded(u.shape[-1], adapters, fusion, acc))
+    return cached[1]
+
+
+def _folded(d: int, adapters: Sequence, fusion, acc: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    p_up = torch.cat([a.up.weight.to(acc) * a.scaling for a in adapters], dim=1)  # [d, R]
+    b_up = torch.stack([_bias(a.up, d).to(acc) * a.scaling for a in adapters], dim=1)  # [d, n]
+    cols = torch.cat([p_up, b_up], dim=1)  # [d, R + n]: the n branches' columns and biases
+    keyed = fusion.key.weight.to(acc) @ cols if fusion.key is not None else cols  # rows: W_k P_i, W_k s_i b_up_i
+    m = keyed.T @ fusion.query.weight.to(acc) if fusion.query is not None else keyed.T  # [R + n, d]
+    c = keyed.T @ fusion.query.bias.to(acc) if fusion.query is not None and fusion.query.bias is not None else None
+    valued = fusion.value.weight.to(acc) @ cols if fusion.value is not None else cols  # [d, R + n]
+    return m, c, valued
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Equal fold keys: the same dtype, adapters and scalings, and every weight the same tensor
+    object at the same version."""
+    return a[:3] == b[:3] and len(a[3]) == len(b[3]) and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a[3], b[3]))
 
 
 def fuse_outputs(q: Tensor, branches: Sequence[Tensor], fusion) -> Tensor:

@@ -424,3 +424,50 @@ def test_a_compiled_model_runs_a_composition_without_a_graph_break(key):
         want = _output(model, IDS)
         got = _output(torch.compile(model, fullgraph=True), IDS)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_fuse_fold_is_kept_under_no_grad_until_what_it_reads_changes(monkeypatch):
+    """Under no_grad the fold of W_q, W_k, W_v into the adapters' W_up is formed once and kept
+    on the fusion layer; any change to what it reads (a weight in place, a weight replaced, a
+    scaling, a state dict loaded) forms it again, so the output always equals a fresh one's.
+    Where autograd records, it is formed every call."""
+    from fastadapter import composition
+
+    torch.manual_seed(0)
+    d = 24
+    adapters = [fa.FusedAdapter(d, r, activation="gelu") for r in (4, 6, 5)]
+    fusion = fa.AdapterFusion(d)
+    with torch.no_grad():
+        for p in [*fusion.parameters(), *(p for a in adapters for p in a.parameters())]:
+            p.add_(0.3 * torch.randn(p.shape))
+    u = torch.randn(7, d)
+    folds = []
+    real = composition._folded
+    monkeypatch.setattr(composition, "_folded", lambda *a: folds.append(1) or real(*a))
+
+    def fresh():  # with autograd on: no cache
+        return composition.fuse_adapters(u, adapters, fusion).detach()
+
+    def kept():
+        with torch.no_grad():
+            return composition.fuse_adapters(u, adapters, fusion)
+
+    want = fresh()
+    assert torch.equal(kept(), want) and torch.equal(kept(), want)
+    assert len(folds) == 2  # once with autograd on, once for both no_grad calls
+
+    def changed(edit):
+        before = kept()
+        with torch.no_grad():
+            edit()
+        got, n = kept(), len(folds)
+        assert torch.equal(got, fresh()) and not torch.equal(got, before)
+        assert torch.equal(kept(), got) and len(folds) == n + 1  # the new fold is kept in turn
+
+    changed(lambda: fusion.value.weight.mul_(1.5))
+    changed(lambda: adapters[1].up.weight.add_(0.1))
+    changed(lambda: adapters[2].up.bias.add_(0.1))
+    changed(lambda: setattr(fusion.query, "weight", torch.nn.Parameter(2 * fusion.query.weight)))
+    changed(lambda: setattr(adapters[0], "scaling", 0.5 * adapters[0].scaling))
+    other = fa.AdapterFusion(d)
+    changed(lambda: fusion.load_state_dict(other.state_dict()))
