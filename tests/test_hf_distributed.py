@@ -139,6 +139,10 @@ def worker(rank: int, port: int, out: str) -> None:
             seen[f"fsdp/{kind}"] = {"loss": loss / WORLD, "grads": _grads(model), "sharded": is_sharded(model),
                                     "ops": ops.calls, "dtensor_inputs": ops.dtensors,
                                     "warnings": [str(w.message) for w in caught]}  # fmt: skip
+            if kind == "composed":  # an evaluation: under no_grad the Fuse's fold is not kept here
+                with torch.no_grad():
+                    loss_of(model, kind, half)
+                seen["fold_kept"] = any("_fold_cache" in m.__dict__ for m in model.modules())
         model = DistributedDataParallel(build("llama"))
         loss = _step(model, "llama", half)
         dist.all_reduce(loss)
@@ -239,6 +243,13 @@ def test_sharded_checkpoints_are_whole_and_load_both_ways(ranks):
     _randomize(ref, seed=4)
     for rank in seen:
         assert all(torch.equal(rank["loaded"][k], v) for k, v in fa.adapter_state_dict(ref).items())
+
+
+def test_fuse_fold_is_not_kept_in_a_process_group(ranks):
+    """FSDP2 refills its unsharded parameter objects in place between forwards: a fold kept
+    across them could go stale unseen, so under a process group it is formed every call."""
+    for rank in ranks[1]:
+        assert rank["fold_kept"] is False
 
 
 def test_adding_adapters_to_a_sharded_model_is_refused(ranks):
