@@ -241,8 +241,9 @@ def fuse_adapters(u: Tensor, adapters: Sequence, fusion) -> Tensor:
     b_down_i), the score of adapter i is (P_i^T W_k^T q') . z_i + q' . W_k s_i b_up_i with
     q' = W_q u + b_q (W_k's bias adds the same to every score and cancels in the softmax), and
     the output is sum_i p_i (W_v P_i z_i + W_v s_i b_up_i). The products of W_q, W_k, W_v with
-    the adapters' W_up are formed once per call ([d, sum r_i] each), so every per-token product
-    is d x sum r_i wide instead of AdapterHub's three d x d projections and n branch outputs."""
+    the adapters' W_up ([d, sum r_i] each) are formed once per call where autograd records and
+    kept under no_grad (:func:`_fold`), so every per-token product is d x sum r_i wide instead
+    of AdapterHub's three d x d projections and n branch outputs."""
     sizes = [a.down.weight.shape[0] for a in adapters]
     units = sum(sizes)
     m, c, valued = _fold(u, adapters, fusion)
