@@ -86,14 +86,8 @@ const float* pack_b(const ResidualGemm& g, int64_t width, int slot = 0) {
   return base;
 }
 
-// ---------------------------------------------------------------------------- AVX-512
-
-namespace avx512 {
-
-constexpr int64_t kMR = 6;         // rows per micro-tile
-constexpr int64_t kNR = 64;        // columns per micro-tile and per packed block of B
+constexpr int64_t kMR = 6;                            // rows per micro-tile, either width
 constexpr int64_t kTileRows = kResidualGemmTileRows;  // rows per parallel task
-constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 64 floats of B: 32 KiB)
 
 // The row pointers of one micro-tile: A's rows (at column 0), R's, R2's and out's (at the
 // column block's first column, or column 0 for a sweep); r[i], r2[i] null: none.
@@ -103,6 +97,13 @@ struct Rows {
   const float* r2[kMR];
   float* o[kMR];
 };
+
+// ---------------------------------------------------------------------------- AVX-512
+
+namespace avx512 {
+
+constexpr int64_t kNR = 64;   // columns per micro-tile and per packed block of B
+constexpr int64_t kKc = 128;  // k per block of a long dot product (128 x 64 floats of B: 32 KiB)
 
 // R + R2 (either may be null) for the 16 columns at r and r2, only the lanes of m
 FA_AVX512_INLINE inline __m512 residual(const float* r, const float* r2, __mmask16 m) {
@@ -226,60 +227,14 @@ FA_AVX512 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const
   }
 }
 
-void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
-  if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
-  const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
-  const float* r_row[kTileRows];
-  const float* r2_row[kTileRows];
-  float* o_row[kTileRows];
-  for (int64_t i = row0; i < row1; ++i) {
-    a_row[i - row0] = g.a + mapped_row(g.a_rows, i) * g.lda;
-    r_row[i - row0] = g.r ? g.r + mapped_row(g.r_rows, i) * g.ldr : nullptr;
-    r2_row[i - row0] = g.r2 ? g.r2 + i * g.ldr2 : nullptr;
-    o_row[i - row0] = g.out + mapped_row(g.out_rows, i) * g.ldo;
-  }
-  Rows m;
-  if (g.k <= kKc) {
-    // one k-block: each micro-row sweeps all of d, the epilogue straight from the registers
-    for (int64_t i = 0; i < row1 - row0; i += kMR) {
-      const int64_t mr = std::min(kMR, row1 - row0 - i);
-      for (int64_t q = 0; q < mr; ++q) m.a[q] = a_row[i + q];
-      int64_t j = 0;
-      if (mr == kMR) {  // the full column blocks in one call; a partial one, or fewer rows, below
-        for (int64_t q = 0; q < kMR; ++q) {
-          m.r[q] = r_row[i + q];
-          m.r2[q] = r2_row[i + q];
-          m.o[q] = o_row[i + q];
-        }
-        j = g.d / kNR * kNR;
-        micro_6x64_sweep(m, packed, g.k, j, g.c, g.s);
-      }
-      for (; j < g.d; j += kNR) {
-        for (int64_t q = 0; q < mr; ++q) {
-          m.r[q] = r_row[i + q] ? r_row[i + q] + j : nullptr;
-          m.r2[q] = r2_row[i + q] ? r2_row[i + q] + j : nullptr;
-          m.o[q] = o_row[i + q] + j;
-        }
-        micro_edge(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
-      }
-      if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);  // these rows of out are final
-    }
-    return;
-  }
-  // k in blocks of kKc: per micro-row and column block, micro_6x64_long sums the blocks'
-  // partials in order, then the epilogue. A micro-row of fewer than 6 rows repeats its
-  // first row's A in the others and writes only its own.
-  alignas(64) float acc[kMR * kNR];
-  for (int64_t i = 0; i < row1 - row0; i += kMR) {
-    const int64_t mr = std::min(kMR, row1 - row0 - i);
-    for (int64_t q = 0; q < kMR; ++q) m.a[q] = a_row[i + (q < mr ? q : 0)];
-    for (int64_t j = 0; j < g.d; j += kNR) {
-      micro_6x64_long(m.a, packed + (j / kNR) * g.k * kNR, g.k, acc);
-      tile_epilogue(mr, std::min(kNR, g.d - j), acc, r_row + i, r2_row + i, o_row + i, j, g.c ? g.c + j : nullptr, g.s);
-    }
-    if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);
-  }
-}
+// the micro-kernels at this width, for run_tile
+struct Kernel {
+  static constexpr int64_t kNR = avx512::kNR, kKc = avx512::kKc;
+  static constexpr auto sweep = micro_6x64_sweep;
+  static constexpr auto edge = micro_edge;
+  static constexpr auto long_sums = micro_6x64_long;
+  static constexpr auto epilogue = tile_epilogue;
+};
 
 }  // namespace avx512
 
@@ -287,24 +242,13 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
 
 namespace avx2 {
 
-constexpr int64_t kMR = 6;         // rows per micro-tile
-constexpr int64_t kNR = 16;        // columns per micro-tile and per packed block of B
-constexpr int64_t kTileRows = kResidualGemmTileRows;  // rows per parallel task
-constexpr int64_t kKc = 128;       // k per block of a long dot product (128 x 16 floats of B: 8 KiB)
+constexpr int64_t kNR = 16;   // columns per micro-tile and per packed block of B
+constexpr int64_t kKc = 128;  // k per block of a long dot product (128 x 16 floats of B: 8 KiB)
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
-
-// The row pointers of one micro-tile: A's rows (at the k-block's first column), R's and
-// out's (at the column block's first column); r[i] null: no residual.
-struct Rows {
-  const float* a[kMR];
-  const float* r[kMR];
-  const float* r2[kMR];  // the second residual's rows, or null
-  float* o[kMR];
-};
 
 // R + R2 (either may be null) for 8 columns, with Masked only the lanes of mask
 template <bool Masked>
@@ -435,8 +379,26 @@ FA_AVX2 void tile_epilogue(int64_t rows, int64_t cols, const float* acc, const f
   if (v < cols) epilogue_vector<true>(rows, v, lanes8(cols - v), acc, r_row, r2_row, o_row, j, c, vs);
 }
 
+#undef FA_STEPS_6X16
+#undef FA_FMA_6X16
+#undef FA_ZERO_6X16
 
+// the micro-kernels at this width, for run_tile
+struct Kernel {
+  static constexpr int64_t kNR = avx2::kNR, kKc = avx2::kKc;
+  static constexpr auto sweep = micro_6x16_sweep;
+  static constexpr auto edge = micro_edge;
+  static constexpr auto long_sums = micro_6x16_long;
+  static constexpr auto epilogue = tile_epilogue;
+};
+
+}  // namespace avx2
+
+// Rows [row0, row1) of the product (a tile) with the micro-kernels of K (avx512::Kernel or
+// avx2::Kernel): the rows are mapped once, then each micro-row of 6 sweeps all of d.
+template <typename K>
 void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t row1) {
+  constexpr int64_t kNR = K::kNR, kKc = K::kKc;
   if (g.rows_ready) g.rows_ready(g.ready_ctx, row0, row1);  // before any read of these rows of A
   const float* a_row[kTileRows];  // the tile's rows of A, R and out, mapped once
   const float* r_row[kTileRows];
@@ -462,7 +424,7 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
           m.o[q] = o_row[i + q];
         }
         j = g.d / kNR * kNR;
-        micro_6x16_sweep(m, packed, g.k, j, g.c, g.s);
+        K::sweep(m, packed, g.k, j, g.c, g.s);
       }
       for (; j < g.d; j += kNR) {
         for (int64_t q = 0; q < mr; ++q) {
@@ -470,33 +432,26 @@ void run_tile(const ResidualGemm& g, const float* packed, int64_t row0, int64_t 
           m.r2[q] = r2_row[i + q] ? r2_row[i + q] + j : nullptr;
           m.o[q] = o_row[i + q] + j;
         }
-        micro_edge(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
+        K::edge(mr, std::min(kNR, g.d - j), m, packed + (j / kNR) * g.k * kNR, g.k, g.c ? g.c + j : nullptr, g.s);
       }
       if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);  // these rows of out are final
     }
     return;
   }
-  // k in blocks of kKc: per micro-row and column block, micro_6x16_long sums the blocks'
-  // partials in order (as micro_6x64_long does), then the epilogue. A
-  // micro-row of fewer than 6 rows repeats its first row's A in the others and writes
-  // only its own.
-  alignas(32) float acc[kMR * kNR];
+  // k in blocks of kKc: per micro-row and column block, K::long_sums sums the blocks'
+  // partials in order, then the epilogue. A micro-row of fewer than 6 rows repeats its
+  // first row's A in the others and writes only its own.
+  alignas(64) float acc[kMR * kNR];
   for (int64_t i = 0; i < row1 - row0; i += kMR) {
     const int64_t mr = std::min(kMR, row1 - row0 - i);
     for (int64_t q = 0; q < kMR; ++q) m.a[q] = a_row[i + (q < mr ? q : 0)];
     for (int64_t j = 0; j < g.d; j += kNR) {
-      micro_6x16_long(m.a, packed + (j / kNR) * g.k * kNR, g.k, acc);
-      tile_epilogue(mr, std::min(kNR, g.d - j), acc, r_row + i, r2_row + i, o_row + i, j, g.c ? g.c + j : nullptr, g.s);
+      K::long_sums(m.a, packed + (j / kNR) * g.k * kNR, g.k, acc);
+      K::epilogue(mr, std::min(kNR, g.d - j), acc, r_row + i, r2_row + i, o_row + i, j, g.c ? g.c + j : nullptr, g.s);
     }
     if (g.rows_done) g.rows_done(g.ctx, row0 + i, row0 + i + mr);
   }
 }
-
-#undef FA_STEPS_6X16
-#undef FA_FMA_6X16
-#undef FA_ZERO_6X16
-
-}  // namespace avx2
 
 #endif  // FASTADAPTER_HAVE_AVX512_KERNEL
 
@@ -533,20 +488,19 @@ bool residual_gemm(const ResidualGemm& g) {
 #if FASTADAPTER_HAVE_AVX512_KERNEL
   if (g.n == 0 || g.d == 0) return true;
   const bool wide = avx512_kernels_available();
-  const int64_t tile_rows = wide ? avx512::kTileRows : avx2::kTileRows;
   const float* packed = pack_b(g, wide ? avx512::kNR : avx2::kNR);
-  const int64_t tiles = (g.n + tile_rows - 1) / tile_rows;
+  const int64_t tiles = (g.n + kTileRows - 1) / kTileRows;
   // Tiles are handed out one at a time from a shared counter, not split evenly up front:
   // on a shared machine one slowed core then costs its share of the work, not the wait
   // of every other thread at the end.
-  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, tile_rows * g.d * g.k));
+  const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, kTileRows * g.d * g.k));
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (tiles + min_tiles - 1) / min_tiles);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
-      const int64_t row0 = t * tile_rows, row1 = std::min(g.n, (t + 1) * tile_rows);
-      if (wide) avx512::run_tile(g, packed, row0, row1);
-      else avx2::run_tile(g, packed, row0, row1);
+      const int64_t row0 = t * kTileRows, row1 = std::min(g.n, (t + 1) * kTileRows);
+      if (wide) run_tile<avx512::Kernel>(g, packed, row0, row1);
+      else run_tile<avx2::Kernel>(g, packed, row0, row1);
     }
   });
   return true;
@@ -567,19 +521,19 @@ bool residual_gemm_chain(const ResidualGemm& first, void (*between)(void* ctx, i
   const int64_t width = wide ? avx512::kNR : avx2::kNR;
   const float* packed1 = pack_b(first, width, 0);
   const float* packed2 = pack_b(second, width, 1);
-  const int64_t tiles = (n + avx2::kTileRows - 1) / avx2::kTileRows;
-  const int64_t flops = avx2::kTileRows * (first.d * first.k + second.d * second.k);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t flops = kTileRows * (first.d * first.k + second.d * second.k);
   const int64_t min_tiles = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops));
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (tiles + min_tiles - 1) / min_tiles);
   std::atomic<int64_t> next{0};  // tiles handed out one at a time, as in residual_gemm
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tiles; t = next++) {
-      const int64_t row0 = t * avx2::kTileRows, row1 = std::min(n, (t + 1) * avx2::kTileRows);
-      if (wide) avx512::run_tile(first, packed1, row0, row1);
-      else avx2::run_tile(first, packed1, row0, row1);
+      const int64_t row0 = t * kTileRows, row1 = std::min(n, (t + 1) * kTileRows);
+      if (wide) run_tile<avx512::Kernel>(first, packed1, row0, row1);
+      else run_tile<avx2::Kernel>(first, packed1, row0, row1);
       if (between) between(ctx, row0, row1);
-      if (wide) avx512::run_tile(second, packed2, row0, row1);
-      else avx2::run_tile(second, packed2, row0, row1);
+      if (wide) run_tile<avx512::Kernel>(second, packed2, row0, row1);
+      else run_tile<avx2::Kernel>(second, packed2, row0, row1);
     }
   });
   return true;
