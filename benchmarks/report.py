@@ -112,24 +112,16 @@ def table(paths) -> str:
         if split:
             out.append("")
             out.extend(split)
-        composed = list(composition_rows(data))
-        if composed:
-            out.append("")
-            out.append("| block | mode | provider | median ms | AdapterHub's ops / provider | provider / one adapter |")
-            out.append("|---|---|---|---|---|---|")
-            out.extend(composed)
-        grads = list(weight_grad_rows(data))
-        if grads:
-            out.append("")
-            out.append("| product | provider | median ms | GFLOP/s | MKL / provider |")
-            out.append("|---|---|---|---|---|")
-            out.extend(grads)
-        model = list(model_rows(data))
-        if model:
-            out.append("")
-            out.append("| benchmark | versions | provider | median ms | time vs floor |")
-            out.append("|---|---|---|---|---|")
-            out.extend("| " + " | ".join(row) + " |" for row in model)
+        for head, rows in (
+            ("| block | mode | provider | median ms | AdapterHub's ops / provider | provider / one adapter |",
+             composition_rows(data)),
+            ("| product | provider | median ms | GFLOP/s | MKL / provider |", weight_grad_rows(data)),
+            ("| benchmark | versions | provider | median ms | time vs floor |",
+             ("| " + " | ".join(row) + " |" for row in model_rows(data))),
+        ):  # fmt: skip
+            rows = list(rows)
+            if rows:
+                out += ["", head, "|" + "---|" * (head.count("|") - 1), *rows]
         out.append("")
     return "\n".join(out)
 
