@@ -87,16 +87,19 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, 
     return out
 
 
-def side_by_side(fns: dict[str, Callable[[], object]], device: str, base: str, grad: bool) -> dict:
+def side_by_side(fns: dict[str, Callable[[], object]], device: str, base: str, grad: bool,
+                 rounds: Optional[int] = None, target_s: Optional[float] = None) -> dict:  # fmt: skip
     """The providers of one benchmark case timed side by side: a first call of each (compiles,
-    caches, builds), calls per sample sized on ``base``'s time (20 ms a sample on a GPU, 100 ms
-    on a CPU), then :func:`interleaved` in FASTADAPTER_BENCH_ROUNDS rounds (15 on a GPU, 9 on a
-    CPU), with autograd on where ``grad``, else under no_grad."""
+    caches, autotunes, builds), calls per sample sized on ``base``'s time (``target_s`` a
+    sample: by default 20 ms on a GPU, 100 ms on a CPU), then :func:`interleaved` in
+    ``rounds`` rounds (by default FASTADAPTER_BENCH_ROUNDS, else 15 on a GPU and 9 on a CPU),
+    with autograd on where ``grad``, else under no_grad."""
     with torch.enable_grad() if grad else torch.no_grad():
         for fn in fns.values():
             fn()
-        iters = iterations(fns[base], device, 0.02 if device == "cuda" else 0.1)
-        rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if device == "cuda" else "9"))
+        iters = iterations(fns[base], device, target_s or (0.02 if device == "cuda" else 0.1))
+        if rounds is None:
+            rounds = int(os.environ.get("FASTADAPTER_BENCH_ROUNDS", "15" if device == "cuda" else "9"))
         return interleaved(fns, device, rounds, iters)
 
 
@@ -195,10 +198,7 @@ def time_case(n, d, r, dtype, device, mode, rounds, target_s, names: Optional[li
     tensors = inputs(n, d, r, dtype, device, grad=(mode == "fwdbwd"))
     names = list(names or providers_for(device, dtype, r)) + ["gemms"] + (["copy"] if device == "cuda" and mode == "fwd" else [])
     fns = {p: callable_for(p, tensors, mode) for p in names}
-    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        for fn in fns.values():  # compile and autotune outside the timed rounds
-            fn()
-        results = interleaved(fns, device, rounds, iterations(fns["eager"], device, target_s))
+    results = side_by_side(fns, device, "eager", mode == "fwdbwd", rounds, target_s)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
