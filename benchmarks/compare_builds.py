@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load as jit_load
 
 import fastadapter as fa
 from fastadapter.backends import cpp, extension
@@ -26,14 +25,6 @@ from fastadapter.cli import bench
 
 N, R = 4096, 64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build(src: Path):
-    name, sources, flags, directory = extension.plan(src)
-    directory.mkdir(parents=True, exist_ok=True)
-    with extension.build_turn(directory):
-        return jit_load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=extension.openmp_flags(),
-                        extra_include_paths=[str(src)], build_directory=str(directory))  # fmt: skip
 
 
 def export_csrc(rev: str, into: Path) -> Path:
@@ -80,7 +71,7 @@ def main() -> None:
     if new is None:
         raise SystemExit(f"this tree's extension: {reason}")
     with tempfile.TemporaryDirectory() as tmp:
-        old = build(export_csrc(args.rev, Path(tmp)))
+        old = extension.build(export_csrc(args.rev, Path(tmp)))
     for op, fn, inputs in cases():
         leaves = [x.clone().requires_grad_() for x in inputs]
         dys = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(fn(*leaves))]

@@ -129,6 +129,34 @@ def plan(src: Path) -> tuple[str, list[str], list[str], Path]:
     return name, sources, flags, build_dir(name, _source_tag(sources, flags))
 
 
+def build(src: Path):
+    """The extension built from the sources in ``src`` (cached per source version and flags)
+    and loaded; raises where it cannot be built or loaded."""
+    from torch.utils.cpp_extension import load as jit_load
+
+    name, sources, flags, directory = plan(src)
+    fresh = not (directory / f"{name}.so").exists()
+    if fresh:  # minutes of silence otherwise: say why
+        print(f"fastadapter: building the C++ extension {name} in {directory} (once per source version; "
+              f"about a minute or two)", file=sys.stderr, flush=True)  # fmt: skip
+    started = time.perf_counter()
+    with build_turn(directory):
+        module = jit_load(
+            name=name,
+            sources=sources,
+            extra_cflags=flags,
+            extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
+            extra_ldflags=openmp_flags(),
+            extra_include_paths=[str(src)],
+            build_directory=str(directory),
+            with_cuda=want_cuda(),
+            verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
+        )
+    if fresh:
+        print(f"fastadapter: built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
 @functools.cache
 def load() -> tuple[Optional[object], Optional[str]]:
     """(module, None) when the extension is usable, else (None, the reason)."""
@@ -141,30 +169,7 @@ def load() -> tuple[Optional[object], Optional[str]]:
     if src is None:
         return None, "the csrc/ sources are not installed with this package"
     try:
-        from torch.utils.cpp_extension import load as jit_load
-
-        cuda = want_cuda()
-        name, sources, flags, directory = plan(src)
-        fresh = not (directory / f"{name}.so").exists()
-        if fresh:  # minutes of silence otherwise: say why
-            print(f"fastadapter: building the C++ extension {name} in {directory} (once per source version; "
-                  f"about a minute or two)", file=sys.stderr, flush=True)  # fmt: skip
-        started = time.perf_counter()
-        with build_turn(directory):
-            module = jit_load(
-                name=name,
-                sources=sources,
-                extra_cflags=flags,
-                extra_cuda_cflags=["-O3", "-DFASTADAPTER_WITH_CUDA"],
-                extra_ldflags=openmp_flags(),
-                extra_include_paths=[str(src)],
-                build_directory=str(directory),
-                with_cuda=cuda,
-                verbose=os.environ.get("FASTADAPTER_VERBOSE_BUILD", "0") == "1",
-            )
-        if fresh:
-            print(f"fastadapter: built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        return module, None
+        return build(src), None
     except Exception as exc:  # a missing compiler, a failed build, a torch/CUDA mismatch
         return None, f"the C++ extension could not be built or loaded: {_summary(exc)}"
 
